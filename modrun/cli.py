@@ -1,0 +1,181 @@
+"""The `modrun` command line. Each command only plumbs arguments; the work happens in the modules it calls.
+
+Everything after a command name is a Hydra override; options with dashes belong to modrun. Heavy imports
+(torch, Hydra) happen inside the commands so that `modrun --help` and `modrun list` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from modrun.errors import UserError
+
+app = typer.Typer(
+    help="modrun: experiment runner for model compression research (train, distill, prune, sweep).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+runs_app = typer.Typer(help="Browse run folders: list, show.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value, group=option, +key=value, ~key")
+CONFIG_DIR = typer.Option(None, "--config-dir", "-cd", help="Your own config tree, overlaid on modrun's.")
+RUNS_DIR = typer.Option(None, "--runs-dir", help="Where run folders go (same as the override runs_dir=...).")
+CFG = typer.Option(None, "--cfg", "-c", help="Print the composed config (job|hydra|all) and exit.")
+RESOLVE = typer.Option(False, "--resolve", help="With --cfg: resolve interpolations.")
+PACKAGE = typer.Option(None, "--package", "-p", help="With --cfg: print only this package (e.g. optim).")
+
+
+def _fail(messages: list[str]) -> None:
+    for m in messages:
+        typer.echo(f"modrun: error: {m}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Callable[[], int | None]) -> None:
+    """Bad input becomes one line per problem and exit code 2; a run's own exit code passes through."""
+    try:
+        code = fn()
+    except UserError as e:
+        _fail(e.messages)
+    raise typer.Exit(code or 0)
+
+
+def _with_runs_dir(overrides: list[str] | None, runs_dir: Path | None) -> list[str]:
+    return list(overrides or []) + ([f"runs_dir={runs_dir}"] if runs_dir else [])
+
+
+def _run_command(
+    command: str,
+    overrides: list[str] | None,
+    config_dir: Path | None,
+    runs_dir: Path | None,
+    cfg_type: str | None,
+    resolve: bool,
+    package: str | None,
+) -> None:
+    def go() -> int:
+        from modrun.launch import launch, show
+
+        ovr = _with_runs_dir(overrides, runs_dir)
+        if cfg_type is not None:
+            show(command, ovr, config_dir, cfg_type, package, resolve)
+            return 0
+        if resolve or package:
+            raise UserError("--resolve and --package only work together with --cfg")
+        return launch(command, ovr, config_dir)
+
+    _guard(go)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def train(
+    overrides: list[str] | None = OVERRIDES,
+    config_dir: Path | None = CONFIG_DIR,
+    runs_dir: Path | None = RUNS_DIR,
+    cfg: str | None = CFG,
+    resolve: bool = RESOLVE,
+    package: str | None = PACKAGE,
+) -> None:
+    """Supervised training of one model (config `train`)."""
+    _run_command("train", overrides, config_dir, runs_dir, cfg, resolve, package)
+
+
+@app.command()
+def validate(
+    command: str = typer.Argument(..., help="train"),
+    overrides: list[str] | None = OVERRIDES,
+    config_dir: Path | None = CONFIG_DIR,
+) -> None:
+    """Compose and validate a command's config, print it resolved; runs nothing."""
+
+    def go() -> int:
+        from modrun.launch import check
+
+        typer.echo(check(command, list(overrides or []), config_dir), nl=False)
+        typer.echo(f"# {command} config is valid", err=True)
+        return 0
+
+    _guard(go)
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="A run folder (runs/<command>/<run>).")) -> None:
+    """Continue a run from its last checkpoint; the result is identical to an uninterrupted run."""
+
+    def go() -> int:
+        from modrun.launch import resume_run
+
+        return resume_run(run_dir)
+
+    _guard(go)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    overrides: list[str] | None = OVERRIDES,
+    weights: str = typer.Option("final", help="final (model.safetensors) or best (checkpoints/best.pt)."),
+    config_dir: Path | None = CONFIG_DIR,
+) -> None:
+    """Evaluate a run's weights, optionally on other data (e.g. data.image_size=16 or data=synthetic)."""
+
+    def go() -> int:
+        from modrun.evaluate import evaluate_run
+
+        evaluate_run(run_dir, list(overrides or []), weights, config_dir)
+        return 0
+
+    _guard(go)
+
+
+@app.command("list")
+def list_components(group: str | None = typer.Argument(None, help="models, datasets, optimizers, ...")) -> None:
+    """Registered components, with a one-line description each."""
+
+    def go() -> int:
+        from modrun.browse import list_registry
+
+        list_registry(group)
+        return 0
+
+    _guard(go)
+
+
+@runs_app.command("list")
+def runs_list(runs_dir: Path = typer.Argument(Path("runs"), help="The runs folder.")) -> None:
+    """One line per run folder: command, state, best and final metrics."""
+
+    def go() -> int:
+        from modrun.browse import list_runs
+
+        list_runs(runs_dir)
+        return 0
+
+    _guard(go)
+
+
+@runs_app.command("show")
+def runs_show(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Status, overrides, summary and the last metrics of one run."""
+
+    def go() -> int:
+        from modrun.browse import show_run
+
+        show_run(run_dir)
+        return 0
+
+    _guard(go)
+
+
+def main() -> None:
+    app(prog_name="modrun")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The only module that talks to Hydra: compose configs, run a job, run a multirun, print `--cfg`.
+
+Every argument after a command is a Hydra override, parsed and applied by Hydra itself, so the whole
+override grammar (and later launchers and sweepers) comes from Hydra rather than a parser of ours.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from modrun.errors import UserError
+
+CONFIG_MODULE = "pkg://modrun.conf"
+
+
+class Composer:
+    """A Hydra instance for one command's primary config (`train.yaml`, ...), with the user's tree on top."""
+
+    def __init__(self, command: str, config_dir: str | Path | None = None) -> None:
+        from hydra._internal.hydra import Hydra
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.config_search_path import SearchPathQuery
+
+        self.command = command
+        search_path = create_config_search_path(CONFIG_MODULE)
+        if config_dir is not None:
+            path = os.path.abspath(config_dir)
+            if not os.path.isdir(path):
+                raise UserError(f"--config-dir: '{config_dir}' is not a directory")
+            # the user's tree is searched before the packaged one, so its files overlay ours
+            search_path.prepend(provider="command-line", path=f"file://{path}", anchor=SearchPathQuery(provider="main"))
+        GlobalHydra.instance().clear()
+        self.hydra = Hydra.create_main_hydra2(task_name=command, config_search_path=search_path)
+
+    def __enter__(self) -> Composer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        GlobalHydra.instance().clear()
+
+    def groups(self) -> list[str]:
+        """Config groups of the tree (model, data, ...), nested ones with slashes; Hydra's own left out."""
+        loader = self.hydra.config_loader
+
+        def walk(parent: str) -> list[str]:
+            found = []
+            for name in loader.list_groups(parent):
+                group = f"{parent}/{name}" if parent else name
+                if group != "hydra":
+                    found += [group, *walk(group)]
+            return found
+
+        return walk("")
+
+    def options(self, group: str) -> list[str]:
+        return self.hydra.config_loader.get_group_options(group)
+
+    @staticmethod
+    def parse(overrides: list[str]) -> list[Override]:
+        try:
+            return OverridesParser.create().parse_overrides(overrides)
+        except OverrideParseException as e:
+            raise UserError(f"bad override syntax: {str(e).splitlines()[0]}") from None
+
+    def compose(self, overrides: list[str], with_hydra: bool = False, sweep: bool = False) -> DictConfig:
+        try:
+            cfg = self.hydra.compose_config(
+                self.command,
+                overrides,
+                run_mode=RunMode.MULTIRUN if sweep else RunMode.RUN,
+                validate_sweep_overrides=not sweep,
+            )
+        except (HydraException, ValueError, KeyError) as e:
+            raise UserError(_first_line(e)) from None
+        if not with_hydra:
+            with open_dict(cfg):
+                del cfg["hydra"]
+        return cfg
+
+    def run(self, overrides: list[str], run_dir: Path, task: Callable[[DictConfig], int]) -> int:
+        """Run `task` as one Hydra job whose output folder is `run_dir` (Hydra writes .hydra/ there)."""
+        run_override = f"hydra.run.dir={_quote(str(run_dir))}"
+        ret = self.hydra.run(self.command, task, [*overrides, run_override], with_log_configuration=True)
+        return int(ret.return_value)
+
+    def show(self, overrides: list[str], cfg_type: str, package: str | None, resolve: bool) -> None:
+        if cfg_type not in ("job", "hydra", "all"):
+            raise UserError(f"--cfg must be job, hydra or all, got '{cfg_type}'")
+        try:
+            self.hydra.show_cfg(self.command, overrides, cfg_type=cfg_type, package=package, resolve=resolve)
+        except (HydraException, ValueError) as e:
+            raise UserError(_first_line(e)) from None
+
+
+def _quote(value: str) -> str:
+    """Quote a path for Hydra's override grammar (spaces, commas and '=' would otherwise split it)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def hydra_free_copy(cfg: DictConfig) -> DictConfig:
+    """A plain config with every ${hydra:...} interpolation resolved, safe to keep after Hydra is gone."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

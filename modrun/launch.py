@@ -1,0 +1,83 @@
+"""From a command line to a run: compose, validate, reserve the run folder, run the pipeline as a Hydra job."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from modrun.compose import Composer, hydra_free_copy
+from modrun.errors import UserError
+from modrun.runs import reserve_run_dir
+from modrun.validate import compose_and_validate
+
+COMMANDS = ("train",)
+
+
+def _composer(command: str, config_dir: Path | None) -> Composer:
+    if command not in COMMANDS:
+        from modrun.errors import did_you_mean
+
+        raise UserError(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}")
+    return Composer(command, config_dir)
+
+
+def check(command: str, overrides: list[str], config_dir: Path | None = None) -> str:
+    """The resolved config as YAML, after validation (`modrun validate`)."""
+    with _composer(command, config_dir) as composer:
+        return OmegaConf.to_yaml(compose_and_validate(composer, overrides), resolve=True)
+
+
+def show(
+    command: str, overrides: list[str], config_dir: Path | None, cfg_type: str, package: str | None, resolve: bool
+) -> None:
+    """`modrun train --cfg job`: Hydra prints the composed config (validated first)."""
+    with _composer(command, config_dir) as composer:
+        compose_and_validate(composer, overrides)
+        composer.show(overrides, cfg_type, package, resolve)
+
+
+def launch(command: str, overrides: list[str], config_dir: Path | None = None) -> int:
+    """Validate, then run one job into a fresh run folder. Returns the exit code."""
+    from modrun.pipelines.common import execute, write_record
+
+    with _composer(command, config_dir) as composer:
+        cfg = compose_and_validate(composer, overrides)
+        run_dir = reserve_run_dir(Path(cfg.runs_dir), command, str(cfg.name))
+
+        def task(job_cfg: DictConfig) -> int:
+            plain = hydra_free_copy(job_cfg)  # ${hydra:...} resolves only while Hydra runs the job
+            write_record(run_dir, plain, command, overrides)
+            return execute(command, plain, run_dir)
+
+        return composer.run(overrides, run_dir, task)
+
+
+def resume_run(run_dir: Path) -> int:
+    """Continue a run in its own folder from checkpoints/last.pt."""
+    from modrun.pipelines.common import execute, load_run_config
+
+    cfg, status = load_run_config(run_dir)
+    if status.get("state") == "completed":
+        print(f"{run_dir} already completed; nothing to resume")
+        return 0
+    if status.get("state") == "running" and status.get("host") == socket.gethostname() and _alive(status.get("pid")):
+        raise UserError(f"{run_dir} is still running (pid {status['pid']}); stop it before resuming")
+    command = status.get("command")
+    if command not in COMMANDS:
+        raise UserError(f"{run_dir}: status.json names no known command ({command!r})")
+    return execute(command, cfg, Path(run_dir), resume=True)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,264 @@
+"""The training loop every pipeline shares. Read it top to bottom: it is the whole story of a run.
+
+A pipeline hands it an `Objective` (the model to train plus how to compute its loss) and the data; the
+loop owns optimisation, evaluation, metrics, checkpoints and the exact-resume bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from modrun import checkpoint
+from modrun.data.base import Data, Preprocess, Split, batches, num_batches
+from modrun.progress import Progress
+from modrun.registry import OPTIMIZERS, SCHEDULERS
+from modrun.runs import MetricsWriter
+
+log = logging.getLogger("modrun")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the run stops, keeping its last good checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: the loop saved a checkpoint and stopped; `modrun resume` continues."""
+
+
+class Objective:
+    """What the loop optimises. `model` is evaluated and saved; `modules` are checkpointed and trained."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss, the logits used for train accuracy, and named loss terms to log."""
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, logits, {}
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (pruning masks hook in here)."""
+
+
+@dataclass
+class State:
+    step: int = 0
+    epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device) -> dict:
+    """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers."""
+    was_training = model.training
+    model.eval()
+    loss, top1, top5, n = 0.0, 0, 0, 0
+    for x, y in batches(split, batch_size, device=device):
+        logits = model(prep(x))
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == y).sum().item()
+        top5 += (top == y[:, None]).any(dim=1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss / max(n, 1), "top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1)}
+
+
+def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device: torch.device, resume: bool) -> dict:
+    """Train `objective` for cfg.trainer.epochs; return final and best metrics."""
+    t, seed = cfg.trainer, int(cfg.seed)
+    bs = int(cfg.data.batch_size)
+    steps_per_epoch = num_batches(len(data.train), bs, drop_last=t.drop_last)
+    total_steps = int(t.epochs) * steps_per_epoch
+    params = [p for m in objective.modules().values() for p in m.parameters() if p.requires_grad]
+    optim_args = {k: v for k, v in cfg.optim.items() if k != "name"}
+    optimizer = OPTIMIZERS.get(cfg.optim.name)(params, **optim_args)
+    sched_args = {k: v for k, v in cfg.sched.items() if k != "name"}
+    scheduler = SCHEDULERS.get(cfg.sched.name)(optimizer, total_steps, steps_per_epoch, **sched_args)
+    aug = cfg.data.get("augment") or {}
+    prep = Preprocess(data, device, int(aug.get("crop_padding", 0)), bool(aug.get("hflip", False)))
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+
+    state = State()
+    if resume and (ckpt_dir / "last.pt").exists():
+        ckpt = checkpoint.load(ckpt_dir / "last.pt", device)
+        for name, module in objective.modules().items():
+            module.load_state_dict(ckpt["modules"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = State(**ckpt["state"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        log.info(f"resumed from step {state.step} (epoch {state.epoch})")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+
+    def save(name: str) -> None:
+        checkpoint.save(
+            ckpt_dir / name,
+            {
+                "modules": {k: m.state_dict() for k, m in objective.modules().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": {**vars(state), "sums": {k: float(v) for k, v in running.items()}},
+                "rng": checkpoint.rng_state(),
+                "data_order": {"seed": seed, "epoch": state.epoch, "batch": state.step - state.epoch * steps_per_epoch},
+            },
+        )
+
+    # running sums of this epoch's train metrics stay on the device: no host sync per step
+    running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
+    val: dict[str, float] = {}
+    stop = _StopRequest()
+    t0 = time.time()
+    with stop, Progress(total_steps, initial=state.step, enabled=t.progress) as bar:
+        while state.epoch < int(t.epochs):
+            objective.model.train()
+            start = state.step - state.epoch * steps_per_epoch
+            for x, y in batches(
+                data.train,
+                bs,
+                seed=seed,
+                epoch=state.epoch,
+                shuffle=True,
+                drop_last=t.drop_last,
+                start=start,
+                num_workers=int(cfg.data.num_workers),
+                device=device,
+            ):
+                # augmentation is seeded by the step, so a resumed run draws the same crops and flips
+                loss, logits, terms = objective.loss(prep(x, augment_seed=seed * 7919 + state.step), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    nn.utils.clip_grad_norm_(params, float(t.grad_clip))
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                objective.after_step(state.step)
+                _accumulate(running, loss, logits, y, terms)
+                bar.update(state.step, f"epoch {state.epoch + 1}/{t.epochs}")
+                # a NaN/inf loss poisons the running sum; checking it only here and before each save avoids a
+                # host sync per step, and no checkpoint is ever written after the loss went bad
+                must_save = (
+                    t.checkpoint_every_steps and state.step % int(t.checkpoint_every_steps) == 0
+                ) or stop.requested
+                if state.step % int(t.log_every_steps) == 0 or must_save:
+                    _check_finite(running, state)
+                if state.step % int(t.log_every_steps) == 0:
+                    metrics.write(
+                        {
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            "split": "train",
+                            "loss": loss.item(),
+                            **{k: v.item() for k, v in terms.items()},
+                            "lr": scheduler.get_last_lr()[0],
+                            "time": time.time() - t0,
+                        }
+                    )
+                if must_save:
+                    save("last.pt")
+                if stop.requested:
+                    raise Interrupted(f"stopped by {stop.requested} at step {state.step}; resumable")
+
+            _check_finite(running, state)
+            train = {k: (v / running["n"]).item() for k, v in running.items() if k != "n"}
+            running, state.epoch = {}, state.epoch + 1
+            val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device)
+            metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
+            metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
+            log.info(
+                f"epoch {state.epoch}/{t.epochs}  train loss {train['loss']:.4f} top1 {train['top1']:.2f}  "
+                f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}  lr {scheduler.get_last_lr()[0]:.4g}"
+            )
+            if val["top1"] > state.best:
+                state.best, state.best_epoch = val["top1"], state.epoch
+                save("best.pt")
+            save("last.pt")
+    metrics.close()
+
+    eval_bs = int(cfg.data.eval_batch_size)
+    final = {f"val/{k}": v for k, v in val.items()}
+    final.update({f"test/{k}": v for k, v in evaluate(objective.model, data.test, prep, eval_bs, device).items()})
+    best = {"epoch": state.best_epoch, "val/top1": state.best}
+    if (ckpt_dir / "best.pt").exists():
+        best_model = _copy_with_weights(
+            objective.model, checkpoint.load(ckpt_dir / "best.pt", device)["modules"]["model"]
+        )
+        best.update({f"test/{k}": v for k, v in evaluate(best_model, data.test, prep, eval_bs, device).items()})
+    return {"final": final, "best": best, "steps": state.step, "epochs": state.epoch}
+
+
+def _accumulate(
+    sums: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+) -> None:
+    n = len(y)
+    new = {
+        "n": n,
+        "loss": loss.detach() * n,
+        "top1": 100.0 * (logits.argmax(1) == y).sum(),
+        **{k: v.detach() * n for k, v in terms.items()},
+    }
+    for k, v in new.items():
+        sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float64, device=y.device)
+
+
+def _check_finite(running: dict[str, torch.Tensor], state: State) -> None:
+    if "loss" in running and not torch.isfinite(running["loss"]):
+        raise NonFiniteLoss(
+            f"loss became non-finite by step {state.step} (epoch {state.epoch + 1}); "
+            "the last checkpoint before it is kept"
+        )
+
+
+def _copy_with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(weights)
+    return clone
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a flag the loop checks between steps (a second one kills)."""
+
+    requested: str | None = None
+
+    def __enter__(self) -> _StopRequest:
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -1,0 +1,16 @@
+"""Built-in models, declared lazily so that listing them does not import torch.
+
+Every model factory takes the input shape and class count from the data config (`in_channels`,
+`num_classes`, and `image_size` where the architecture needs it) plus its own arguments.
+"""
+
+from modrun.registry import MODELS
+
+MODELS.lazy("mlp", "modrun.models.mlp:mlp", "multilayer perceptron on flattened images (hidden sizes as a list)")
+MODELS.lazy("cnn_small", "modrun.models.cnn:cnn_small", "3-conv CNN with BN for small images such as 8x8 digits")
+for _depth in (20, 32, 56, 110):
+    MODELS.lazy(
+        f"resnet{_depth}",
+        f"modrun.models.resnet:resnet{_depth}",
+        f"CIFAR-style ResNet-{_depth} (He et al. 2016), 3 stages, width multiplier",
+    )

@@ -1,0 +1,33 @@
+"""A small CNN sized for 8x8 digits (works on any image size thanks to global pooling)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """conv(w) -> conv(2w) -> maxpool -> conv(4w) -> global avg pool -> dropout -> linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, width),
+            _conv_bn(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * width, 4 * width),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+
+def cnn_small(in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> nn.Module:
+    return SmallCNN(in_channels, num_classes, width, dropout)

@@ -1,0 +1,22 @@
+"""Multilayer perceptron over flattened images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def mlp(
+    in_channels: int, image_size: int, num_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0
+) -> nn.Module:
+    """Flatten -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_channels * image_size * image_size
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)

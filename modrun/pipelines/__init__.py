@@ -1,0 +1,5 @@
+"""Pipelines: plain functions that wire components together and call the loop, one per command."""
+
+PIPELINES = {
+    "train": "modrun.pipelines.train:train",
+}

@@ -1,0 +1,147 @@
+"""What every pipeline does around its own work: devices, building components, the run's lifecycle."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from modrun import cost
+from modrun.data import RUNNER_KEYS
+from modrun.data.base import Data
+from modrun.errors import UserError
+from modrun.loop import Interrupted, NonFiniteLoss
+from modrun.registry import DATASETS, MODELS, import_user_modules
+from modrun.runs import atomic_write, log_to, read_json, record_environment, set_status, write_json
+
+log = logging.getLogger("modrun")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}: CUDA is not available on this machine — did you mean device=cpu?")
+    return device
+
+
+def component_args(node: DictConfig, skip: set[str] = frozenset({"name"})) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in skip}
+
+
+def builder_args(builder: Callable, node: DictConfig, runner_keys: set[str]) -> dict[str, Any]:
+    """The node's keys meant for `builder`: its own keys plus runner keys that its signature names."""
+    accepted = inspect.signature(builder).parameters
+    return {k: v for k, v in component_args(node).items() if k not in runner_keys or k in accepted}
+
+
+def build_data(cfg: DictConfig) -> Data:
+    builder = DATASETS.get(cfg.data.name)
+    data = builder(**builder_args(builder, cfg.data, RUNNER_KEYS))
+    for key in ("channels", "num_classes", "image_size"):
+        want = cfg.data.get(key)
+        if want is not None and int(want) != getattr(data, key):
+            raise UserError(
+                f"data.{key}={want} but dataset '{cfg.data.name}' has {getattr(data, key)}; "
+                f"set data.{key}={getattr(data, key)}"
+            )
+    return data
+
+
+def build_model(node: DictConfig) -> nn.Module:
+    return MODELS.get(node.name)(**component_args(node))
+
+
+def cost_report(model: nn.Module, data: Data, device: torch.device) -> dict[str, Any]:
+    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    return {
+        **cost.count_params(model),
+        "macs": cost.count_macs(model, example),
+        "latency_ms_batch1": cost.latency_ms(model, example),
+        "latency_device": str(device),
+    }
+
+
+def save_weights(run_dir: Path, model: nn.Module) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / "model.safetensors", save(tensors))
+
+
+def write_record(run_dir: Path, cfg: DictConfig, command: str, overrides: list[str]) -> None:
+    """The files that let anyone see and re-run what was asked: config, overrides, command line, env, git."""
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / "overrides.txt", "".join(o + "\n" for o in overrides))
+    atomic_write(run_dir / "command.txt", shlex.join(["modrun", *sys.argv[1:]]) + "\n")
+    record_environment(run_dir)
+    set_status(run_dir, "created", command=command)
+
+
+def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) -> int:
+    """Run the pipeline of `command` in `run_dir`; record how it ended in status.json. Returns the exit code."""
+    module, attr = _pipeline(command).split(":")
+    pipeline = getattr(importlib.import_module(module), attr)
+    t0 = time.time()
+    with log_to(run_dir):
+        set_status(run_dir, "running", command=command)
+        log.info(f"{'resuming' if resume else 'starting'} {command} run in {run_dir}")
+        try:
+            import_user_modules(list(cfg.get("imports") or []))
+            summary = pipeline(cfg, run_dir, resume)
+        except UserError:
+            # bad input found late (e.g. a file vanished): leave no half-made folder if nothing was trained
+            if not (run_dir / "checkpoints" / "last.pt").exists() and not resume:
+                logging.shutdown()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                set_status(run_dir, "failed", error="bad input")
+            raise
+        except (Interrupted, KeyboardInterrupt) as e:
+            set_status(run_dir, "interrupted", error=str(e) or "KeyboardInterrupt")
+            log.info(f"interrupted: resume with `modrun resume {run_dir}`")
+            return 130
+        except NonFiniteLoss as e:
+            set_status(run_dir, "failed", error=str(e))
+            log.error(f"failed: {e}")
+            return 1
+        except Exception as e:
+            set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            log.error("failed with an exception:\n" + traceback.format_exc())
+            return 1
+        summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.time() - t0
+        write_json(run_dir / "summary.json", summary)
+        set_status(run_dir, "completed")
+        log.info(f"completed: {run_dir}")
+    return 0
+
+
+def _pipeline(command: str) -> str:
+    from modrun.pipelines import PIPELINES
+
+    return PIPELINES[command]
+
+
+def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:
+    """config.yaml and status.json of an existing run folder, or a clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "status.json").is_file():
+        raise UserError(f"'{run_dir}' is not a modrun run folder (no config.yaml/status.json)")
+    return OmegaConf.load(run_dir / "config.yaml"), read_json(run_dir / "status.json")

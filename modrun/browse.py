@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -12,7 +13,7 @@ from modrun.errors import UserError, did_you_mean
 from modrun.registry import REGISTRIES
 from modrun.runs import read_json, read_metrics
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def list_registry(group: str | None) -> None:

@@ -17,6 +17,9 @@ class UserError(Exception):
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The valid choice closest to `name`, or None when nothing is close."""
     choices = list(choices)
+    prefixed = [c for c in choices if c.startswith(name) and name]
+    if len(prefixed) == 1:
+        return prefixed[0]
     match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     if match:
         return match[0]

@@ -110,6 +110,10 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
     metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
 
     def save(name: str) -> None:
+        # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
+        for module in objective.modules().values():
+            if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
+                raise NonFiniteLoss(f"weights became non-finite by step {state.step}; the last checkpoint is kept")
         checkpoint.save(
             ckpt_dir / name,
             {

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from modrun.compose import Composer
 from modrun.data import RUNNER_KEYS
-from modrun.errors import UserError, did_you_mean
+from modrun.errors import UserError, closest, did_you_mean
 from modrun.registry import DATASETS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, import_user_modules
 
 
@@ -35,6 +35,7 @@ COMPONENTS = [
     Component("sched", SCHEDULERS, runner_args=3),
     Component("logger", LOGGERS, runner_args=1),
 ]
+OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -49,22 +50,22 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> DictConfig
         if o.is_hydra_override() or key.startswith("hydra/"):
             group_lines.append(o.input_line)
         elif key in groups:
-            errors += _check_group_choice(composer, o)
-            group_lines.append(o.input_line)
+            problems = _check_group_choice(composer, o)
+            errors += problems
+            group_lines += [] if problems else [o.input_line]
         else:
             value_overrides.append(o)
-    if errors:
-        raise UserError(*errors)
     base = composer.compose(group_lines)
     known = set(_dotted_keys(base))
+    good = list(group_lines)
     for o in value_overrides:
-        errors += _check_value_override(base, known, o)
-    if errors:
-        raise UserError(*errors)
-    cfg = composer.compose(overrides)
+        problems = _check_value_override(base, known, o)
+        errors += problems
+        good += [] if problems else [o.input_line]
+    # the overrides that passed are composed and checked as a whole, so every problem is reported at once
+    cfg = composer.compose(good)
     import_user_modules(list(cfg.get("imports") or []))
-    reference = composer.compose([o.input_line for o in parsed if o.key_or_group in groups and not o.is_delete()])
-    errors += check_config(cfg, reference)
+    errors += check_config(cfg, composer.compose([line for line in group_lines if not line.startswith("~")]))
     if errors:
         raise UserError(*errors)
     return cfg
@@ -87,18 +88,30 @@ def _check_value_override(base: DictConfig, known: set[str], o: Any) -> list[str
     key = o.key_or_group
     exists = key in known
     if o.is_delete():
-        return [] if exists else [f"~{key}: no key {key} to delete{did_you_mean(key, known)}"]
+        return [] if exists else [f"~{key}: no key {key} to delete{_suggest_key(key, known)}"]
     if o.is_add():
         return [f"+{key}: {key} already exists — use {key}=... to change it"] if exists else []
     if o.is_force_add():
         return []
     if not exists:
-        return [f"unknown key {key}{did_you_mean(key, known)}"]
+        return [f"unknown key {key}{_suggest_key(key, known)}"]
     if o.is_sweep_override():
         return []
     old = OmegaConf.select(base, key, throw_on_missing=False)
     problem = _type_problem(old, o.value())
     return [f"{key}={o.get_value_element_as_str()}: {problem}"] if problem else []
+
+
+def _suggest_key(key: str, known: set[str]) -> str:
+    """The closest known key, or else the valid keys beside it (same parent)."""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = {k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent}
+    best = closest(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in siblings])
+    if best is not None:
+        return f" — did you mean {parent + '.' if parent else ''}{best}?"
+    if siblings:  # nothing close: list what is valid at that level
+        return did_you_mean(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in siblings])
+    return did_you_mean(key, known)  # the parent itself is unknown: look everywhere
 
 
 def _type_problem(old: Any, new: Any) -> str | None:
@@ -139,10 +152,10 @@ def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:
     ref_keys = set(_dotted_keys(reference))
     for key in _dotted_keys(cfg):
         head = key.split(".")[0]
-        if head in components:
+        if head in components or head in OPTIONAL_TOP_LEVEL:
             continue
         if key not in ref_keys and not _under_free_node(key, reference):
-            errors.append(f"unknown key {key}{did_you_mean(key, ref_keys)}")
+            errors.append(f"unknown key {key}{_suggest_key(key, ref_keys)}")
             continue
         problem = _type_problem(OmegaConf.select(reference, key), OmegaConf.select(cfg, key))
         if problem and not isinstance(OmegaConf.select(cfg, key), (DictConfig, ListConfig)):
@@ -151,6 +164,9 @@ def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:
         if component.node in cfg:
             errors += _check_component(cfg, component)
     errors += _check_values(cfg)
+    imports = cfg.get("imports")
+    if imports is not None and (not isinstance(imports, ListConfig) or not all(isinstance(m, str) for m in imports)):
+        errors.append(f"imports={imports}: expects a list of module names, e.g. +imports=[my_models]")
     return errors
 
 
@@ -218,8 +234,15 @@ def _check_values(cfg: DictConfig) -> list[str]:
         if isinstance(value, int) and value < low:
             errors.append(f"{key}={value}: must be >= {low}")
     lr = OmegaConf.select(cfg, "optim.lr")
-    if isinstance(lr, (int, float)) and not lr > 0:
+    if isinstance(lr, (int, float)) and math.isfinite(lr) and not lr > 0:
         errors.append(f"optim.lr={lr}: must be > 0")
+    fractions = [OmegaConf.select(cfg, f"data.{k}_fraction") for k in ("val", "test")]
+    if all(isinstance(f, (int, float)) for f in fractions):
+        val, test = fractions
+        if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+            errors.append(
+                f"data.val_fraction={val} and data.test_fraction={test} must be in [0, 1) and sum to less than 1"
+            )
     for key in ("data.path", "data.root"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and not Path(value).expanduser().exists():
@@ -230,6 +253,8 @@ def _check_values(cfg: DictConfig) -> list[str]:
 def _missing_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
     for key in cfg:
         path = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(cfg, key):
+            continue  # the value it points to is reported where it lives
         if OmegaConf.is_missing(cfg, key):
             yield path
         elif isinstance(cfg[key], DictConfig):

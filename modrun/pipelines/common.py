@@ -65,7 +65,17 @@ def build_data(cfg: DictConfig) -> Data:
     return data
 
 
-def build_model(node: DictConfig) -> nn.Module:
+def build_model(node: DictConfig, data: Data | None = None, path: str = "model") -> nn.Module:
+    """The registered model of `node`; with `data`, first check that it takes that data's shape."""
+    if data is not None:
+        for key, have in (
+            ("in_channels", data.channels),
+            ("num_classes", data.num_classes),
+            ("image_size", data.image_size),
+        ):
+            want = node.get(key)
+            if want is not None and int(want) != have:
+                raise UserError(f"{path}.{key}={want} does not fit the data, which has {key.split('_')[-1]}={have}")
     return MODELS.get(node.name)(**component_args(node))
 
 

@@ -15,7 +15,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     device = resolve_device(cfg.device)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     data = build_data(cfg).to(device)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, data).to(device)
     result = fit(cfg, run_dir, Objective(model), data, device, resume)
     save_weights(run_dir, model)
     return {**result, **cost_report(model, data, device)}

@@ -1,0 +1,100 @@
+"""`modrun eval RUN_DIR [OVERRIDES]`: evaluate a run's weights, on its own data or on other data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from modrun.compose import Composer
+from modrun.errors import UserError
+from modrun.validate import _check_group_choice, _check_value_override, _dotted_keys, check_config
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_dir: Path | None) -> DictConfig:
+    """A saved (resolved) config with overrides on top: `group=option` swaps the node, `key=value` sets a key."""
+    if not overrides:
+        return cfg
+    cfg = cfg.copy()
+    with Composer(command, config_dir) as composer:
+        groups, errors = set(composer.groups()), []
+        for o in composer.parse(overrides):
+            if o.key_or_group in groups:
+                problems = _check_group_choice(composer, o)
+                if not problems:
+                    fresh = composer.compose([o.input_line])
+                    # resolve the new node against the saved config (e.g. model args that read data.*)
+                    rest = OmegaConf.masked_copy(cfg, [k for k in cfg if k != o.key_or_group])
+                    merged = OmegaConf.merge(rest, {o.key_or_group: fresh[o.key_or_group]})
+                    cfg[o.key_or_group] = OmegaConf.to_container(merged[o.key_or_group], resolve=True)
+                errors += problems
+            else:
+                problems = _check_value_override(cfg, set(_dotted_keys(cfg)), o)
+                if not problems:
+                    OmegaConf.update(cfg, o.key_or_group, o.value(), force_add=o.is_add() or o.is_force_add())
+                errors += problems
+    errors += check_config(cfg, cfg)
+    if errors:
+        raise UserError(*errors)
+    return cfg
+
+
+def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:
+    import torch
+
+    from modrun import checkpoint
+    from modrun.data.base import Preprocess
+    from modrun.loop import evaluate
+    from modrun.pipelines.common import build_data, build_model, load_run_config, resolve_device
+    from modrun.registry import import_user_modules
+    from modrun.runs import read_json
+
+    run_dir = Path(run_dir)
+    cfg, status = load_run_config(run_dir)
+    import_user_modules(list(cfg.get("imports") or []))
+    cfg = apply_overrides(cfg, overrides, status.get("command", "train"), config_dir)
+    device = resolve_device(cfg.device)
+    data = build_data(cfg).to(device)
+    model = build_model(cfg.model, data).to(device)
+    if weights == "final":
+        if not (run_dir / "model.safetensors").exists():
+            raise UserError(f"{run_dir} has no model.safetensors (state {status.get('state')}); try --weights best")
+        from safetensors.torch import load_file
+
+        state = load_file(run_dir / "model.safetensors", device=str(device))
+    elif weights in ("best", "last"):
+        path = run_dir / "checkpoints" / f"{weights}.pt"
+        if not path.exists():
+            raise UserError(f"{run_dir} has no checkpoints/{weights}.pt")
+        state = checkpoint.load(path, device)["modules"]["model"]
+    else:
+        raise UserError(f"--weights must be final, best or last, got '{weights}'")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"weights of {run_dir} do not fit the model: {str(e).splitlines()[1].strip()}") from None
+    prep = Preprocess(data, device)
+    bs = int(cfg.data.eval_batch_size)
+    with torch.no_grad():
+        results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "weights": weights,
+        "overrides": overrides,
+        **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
+    }
+    with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    table = Table("split", "loss", "top1", "top5", title=f"{run_dir} ({weights} weights)")
+    for split, r in results.items():
+        table.add_row(split, f"{r['loss']:.4f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+    Console().print(table)
+    if (run_dir / "summary.json").exists() and not overrides and weights == "final":
+        recorded = read_json(run_dir / "summary.json").get("final", {}).get("test/top1")
+        if recorded is not None:
+            Console().print(f"recorded test/top1 at the end of training: {recorded:.2f}")
+    return record

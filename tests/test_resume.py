@@ -1,0 +1,150 @@
+"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) and resumed ends bitwise identical to an
+uninterrupted run. These tests drive real subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import FAST, cli, cli_subprocess, only_run, read_json
+
+# a model that can be slowed down from the environment, so that a kill reliably lands mid-run
+PLUGIN = '''
+import os, time
+from modrun.models.cnn import SmallCNN
+from modrun.registry import MODELS
+
+class SlowCNN(SmallCNN):
+    def forward(self, x):
+        if self.training:
+            time.sleep(float(os.environ.get("SLOW", "0")))
+        return super().forward(x)
+
+@MODELS.register("slow_cnn")
+def slow_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0):
+    """cnn_small that sleeps SLOW seconds per training step."""
+    return SlowCNN(in_channels, num_classes, width, dropout)
+'''
+# dropout and augmentation make the run depend on every RNG and on the step-seeded crops
+ARGS = [
+    "+imports=[slowplugin]",
+    "model.name=slow_cnn",
+    "model.width=8",
+    "model.dropout=0.3",
+    "trainer.epochs=3",
+    "trainer.checkpoint_every_steps=4",
+    "trainer.log_every_steps=1",
+    "data.augment.crop_padding=1",
+    "seed=7",
+]
+
+
+def _env(tmp: Path, slow: float) -> dict:
+    return {"PYTHONPATH": f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "SLOW": str(slow)}
+
+
+def _start(tmp: Path, runs: str, slow: float, *cmd: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "modrun.cli", *cmd],
+        cwd=tmp,
+        env={**os.environ, **_env(tmp, slow)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_step(run_root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()}"
+        for metrics in run_root.glob("*/*/metrics.jsonl"):
+            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+            if lines and lines[-1]["step"] >= step:
+                return metrics.parent
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    sa, sb = read_json(a / "summary.json"), read_json(b / "summary.json")
+    assert sa["final"] == sb["final"] and sa["best"] == sb["best"] and sa["steps"] == sb["steps"]
+
+    def records(run: Path) -> list[dict]:
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "time"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert records(a) == records(b)
+
+
+def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path):
+    (tmp_path / "slowplugin.py").write_text(PLUGIN)
+    ref = cli_subprocess("train", "--runs-dir", "ref", *ARGS, cwd=tmp_path, env=_env(tmp_path, 0))
+    assert ref.returncode == 0, ref.stderr
+    reference = only_run(runs_dir=tmp_path / "ref")
+
+    proc = _start(tmp_path, "killed", 0.03, "train", "--runs-dir", "killed", *ARGS)
+    run = _wait_for_step(tmp_path / "killed", 27, proc)  # mid-epoch 2 (20 steps an epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_json(run / "status.json")["state"] == "running"  # a kill leaves no chance to say so
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < ckpt["state"]["step"] < 60
+
+    proc = _start(tmp_path, "killed", 0.03, "resume", str(run.relative_to(tmp_path)))
+    deadline = time.time() + 120
+    while ckpt["state"]["step"] >= torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a second kill, during the resumed session
+    proc.wait()
+
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    assert done.returncode == 0, done.stderr
+    assert read_json(run / "status.json")["state"] == "completed"
+    _assert_identical(reference, run)
+    again = cli_subprocess("resume", str(run), cwd=tmp_path)
+    assert again.returncode == 0 and "already completed" in again.stdout
+
+
+def test_sigint_leaves_interrupted_resumable_run(tmp_path):
+    (tmp_path / "slowplugin.py").write_text(PLUGIN)
+    ref = cli_subprocess("train", "--runs-dir", "ref", *ARGS, cwd=tmp_path, env=_env(tmp_path, 0))
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path, "int", 0.03, "train", "--runs-dir", "int", *ARGS)
+    run = _wait_for_step(tmp_path / "int", 13, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    status = read_json(run / "status.json")
+    assert status["state"] == "interrupted" and "SIGINT" in status["error"]
+    assert "Traceback" not in err and "modrun resume" in err
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    assert done.returncode == 0, done.stderr
+    _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)
+
+
+def test_nan_loss_fails_cleanly_and_keeps_last_good_checkpoint():
+    r = cli("train", *FAST, "optim.lr=1e6", "trainer.checkpoint_every_steps=1")
+    assert r.code == 1
+    run = only_run()
+    status = read_json(run / "status.json")
+    assert status["state"] == "failed" and "non-finite" in status["error"]
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["modules"]["model"].values() if v.is_floating_point())
+    assert not (run / "summary.json").exists()
+
+
+def test_bad_input_found_late_leaves_no_folder(tmp_path):
+    Path("afile").write_text("not a folder")
+    r = cli("train", "data=image_folder", "data.path=afile", "data.num_classes=2")
+    assert r.code == 2 and "not a directory" in r.err
+    assert not list(Path("runs").rglob("status.json"))

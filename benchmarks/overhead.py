@@ -27,14 +27,23 @@ from modrun.registry import MODELS
 
 
 def make_cfg(args: argparse.Namespace) -> OmegaConf:
-    return OmegaConf.create({
-        "seed": 0,
-        "data": {"batch_size": args.batch_size, "eval_batch_size": 512, "num_workers": 0, "augment": None},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
-        "sched": {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0},
-        "trainer": {"epochs": args.epochs, "drop_last": False, "grad_clip": None, "log_every_steps": 10,
-                    "checkpoint_every_steps": 50, "deterministic": False, "progress": False},
-    })
+    return OmegaConf.create(
+        {
+            "seed": 0,
+            "data": {"batch_size": args.batch_size, "eval_batch_size": 512, "num_workers": 0, "augment": None},
+            "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
+            "sched": {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0},
+            "trainer": {
+                "epochs": args.epochs,
+                "drop_last": False,
+                "grad_clip": None,
+                "log_every_steps": 10,
+                "checkpoint_every_steps": 50,
+                "deterministic": False,
+                "progress": False,
+            },
+        }
+    )
 
 
 def plain_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: torch.device) -> float:
@@ -88,12 +97,23 @@ def main() -> None:
             model = MODELS.get(args.model)(in_channels=3, num_classes=10).to(device)
             times[name].append(loop(model, data, args, device))
     plain, ours = samples / min(times["plain"]), samples / min(times["modrun"])
-    print(json.dumps({
-        "benchmark": "overhead", "model": args.model, "device": str(device), "threads": torch.get_num_threads(),
-        "samples": samples, "plain_samples_per_s": round(plain, 1), "modrun_samples_per_s": round(ours, 1),
-        "ratio": round(ours / plain, 3), "target": 0.97,
-        "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "overhead",
+                "model": args.model,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "samples": samples,
+                "plain_samples_per_s": round(plain, 1),
+                "modrun_samples_per_s": round(ours, 1),
+                "ratio": round(ours / plain, 3),
+                "target": 0.97,
+                "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

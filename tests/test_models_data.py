@@ -30,7 +30,7 @@ def test_resnet_depths_and_width():
 
 def test_digits_split_is_stratified_and_fixed():
     d = digits()
-    assert (len(d.train), len(d.val), len(d.test)) == (1257, 180, 360)
+    assert (len(d.train), len(d.val), len(d.test)) == (1259, 179, 359)
     assert torch.bincount(d.test.y).min() >= 35  # every class present in proportion
     assert torch.equal(digits().test.y, d.test.y)
     assert d.train.x.min() >= 0 and d.train.x.max() <= 1

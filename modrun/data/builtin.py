@@ -15,21 +15,31 @@ from modrun.errors import UserError
 def stratified_split(
     y: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of train/val/test with every class in the same proportion in each split."""
-    from sklearn.model_selection import train_test_split
+    """Indices of train/val/test with every class in the same proportion in each split (sorted)."""
+    rng = np.random.RandomState(seed)
+    parts: tuple[list, list, list] = ([], [], [])
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        n_test, n_val = int(round(len(idx) * test_fraction)), int(round(len(idx) * val_fraction))
+        parts[2].append(idx[:n_test])
+        parts[1].append(idx[n_test : n_test + n_val])
+        parts[0].append(idx[n_test + n_val :])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
 
-    idx = np.arange(len(y))
-    rest, test = (
-        (idx, idx[:0])
-        if test_fraction == 0
-        else train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
-    )
-    if val_fraction == 0:
-        return rest, rest[:0], test
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), stratify=y[rest], random_state=seed
-    )
-    return np.sort(train), np.sort(val), np.sort(test)
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits file, read directly (importing sklearn costs a second of start-up)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is not None and path.is_file():
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        return raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # the file moved in some release: ask sklearn itself
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 
 
 def _resize(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -49,13 +59,11 @@ def tensor_data(x: torch.Tensor, y: torch.Tensor, splits: tuple, num_classes: in
 
 def digits(image_size: int = 8, val_fraction: float = 0.1, test_fraction: float = 0.2, split_seed: int = 0) -> Data:
     """The 1797 8x8 digit images bundled with scikit-learn, stratified train/val/test split."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    check_fractions(len(bunch.target), val_fraction, test_fraction)
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    splits = stratified_split(bunch.target, val_fraction, test_fraction, split_seed)
+    images, target = _load_digits()
+    check_fractions(len(target), val_fraction, test_fraction)
+    x = torch.from_numpy(images).unsqueeze(1) / 16.0
+    y = torch.from_numpy(target)
+    splits = stratified_split(target, val_fraction, test_fraction, split_seed)
     return tensor_data(_resize(x, image_size), y, splits, 10, image_size)
 
 

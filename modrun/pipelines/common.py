@@ -110,6 +110,11 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
     module, attr = _pipeline(command).split(":")
     pipeline = getattr(importlib.import_module(module), attr)
     t0 = time.time()
+    earlier = float(read_json(run_dir / "status.json").get("active_s", 0.0)) if resume else 0.0
+
+    def ended(state: str, **fields: Any) -> None:  # every session's time counts, resumed ones too
+        set_status(run_dir, state, active_s=round(earlier + time.time() - t0, 3), **fields)
+
     with log_to(run_dir):
         set_status(run_dir, "running", command=command)
         log.info(f"{'resuming' if resume else 'starting'} {command} run in {run_dir}")
@@ -122,23 +127,23 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
                 logging.shutdown()
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
-                set_status(run_dir, "failed", error="bad input")
+                ended("failed", error="bad input")
             raise
         except (Interrupted, KeyboardInterrupt) as e:
-            set_status(run_dir, "interrupted", error=str(e) or "KeyboardInterrupt")
+            ended("interrupted", error=str(e) or "KeyboardInterrupt")
             log.info(f"interrupted: resume with `modrun resume {run_dir}`")
             return 130
         except NonFiniteLoss as e:
-            set_status(run_dir, "failed", error=str(e))
+            ended("failed", error=str(e))
             log.error(f"failed: {e}")
             return 1
         except Exception as e:
-            set_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            ended("failed", error=f"{type(e).__name__}: {e}")
             log.error("failed with an exception:\n" + traceback.format_exc())
             return 1
-        summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.time() - t0
+        summary["wall_time_s"] = round(earlier + time.time() - t0, 3)  # all sessions of the run
         write_json(run_dir / "summary.json", summary)
-        set_status(run_dir, "completed")
+        ended("completed")
         log.info(f"completed: {run_dir}")
     return 0
 

@@ -56,7 +56,7 @@ def plain_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: t
     model.train()
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
-        for x, y in batches(data.train, args.batch_size, seed=0, epoch=epoch, shuffle=True):
+        for x, y, _ in batches(data.train, args.batch_size, seed=0, epoch=epoch, shuffle=True):
             loss = F.cross_entropy(model((x - mean) / std), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -86,9 +86,22 @@ def train(
     _run_command("train", overrides, config_dir, runs_dir, cfg, resolve, package)
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def distill(
+    overrides: list[str] | None = OVERRIDES,
+    config_dir: Path | None = CONFIG_DIR,
+    runs_dir: Path | None = RUNS_DIR,
+    cfg: str | None = CFG,
+    resolve: bool = RESOLVE,
+    package: str | None = PACKAGE,
+) -> None:
+    """A student learns from frozen teacher(s) through KD terms (config `distill`)."""
+    _run_command("distill", overrides, config_dir, runs_dir, cfg, resolve, package)
+
+
 @app.command()
 def validate(
-    command: str = typer.Argument(..., help="train"),
+    command: str = typer.Argument(..., help="train or distill"),
     overrides: list[str] | None = OVERRIDES,
     config_dir: Path | None = CONFIG_DIR,
 ) -> None:

@@ -10,9 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from modrun.checks import check_config, dotted_keys
 from modrun.compose import Composer
 from modrun.errors import UserError
-from modrun.validate import _check_group_choice, _check_value_override, _dotted_keys, check_config
+from modrun.validate import check_group_choice, check_value_override
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_dir: Path | None) -> DictConfig:
@@ -24,7 +25,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
         groups, errors = set(composer.groups()), []
         for o in composer.parse(overrides):
             if o.key_or_group in groups:
-                problems = _check_group_choice(composer, o)
+                problems = check_group_choice(composer, o)
                 if not problems:
                     fresh = composer.compose([o.input_line])
                     # resolve the new node against the saved config (e.g. model args that read data.*)
@@ -33,7 +34,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
                     cfg[o.key_or_group] = OmegaConf.to_container(merged[o.key_or_group], resolve=True)
                 errors += problems
             else:
-                problems = _check_value_override(cfg, set(_dotted_keys(cfg)), o)
+                problems = check_value_override(cfg, set(dotted_keys(cfg)), o)
                 if not problems:
                     OmegaConf.update(cfg, o.key_or_group, o.value(), force_add=o.is_add() or o.is_force_add())
                 errors += problems

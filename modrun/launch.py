@@ -13,7 +13,7 @@ from modrun.errors import UserError
 from modrun.runs import reserve_run_dir
 from modrun.validate import compose_and_validate
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "distill")
 
 
 def _composer(command: str, config_dir: Path | None) -> Composer:
@@ -27,7 +27,7 @@ def _composer(command: str, config_dir: Path | None) -> Composer:
 def check(command: str, overrides: list[str], config_dir: Path | None = None) -> str:
     """The resolved config as YAML, after validation (`modrun validate`)."""
     with _composer(command, config_dir) as composer:
-        return OmegaConf.to_yaml(compose_and_validate(composer, overrides), resolve=True)
+        return OmegaConf.to_yaml(compose_and_validate(composer, overrides)[0], resolve=True)
 
 
 def show(
@@ -35,8 +35,8 @@ def show(
 ) -> None:
     """`modrun train --cfg job`: Hydra prints the composed config (validated first)."""
     with _composer(command, config_dir) as composer:
-        compose_and_validate(composer, overrides)
-        composer.show(overrides, cfg_type, package, resolve)
+        _, hydra_overrides = compose_and_validate(composer, overrides)
+        composer.show(hydra_overrides, cfg_type, package, resolve)
 
 
 def launch(command: str, overrides: list[str], config_dir: Path | None = None) -> int:
@@ -44,7 +44,7 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
     from modrun.pipelines.common import execute, write_record
 
     with _composer(command, config_dir) as composer:
-        cfg = compose_and_validate(composer, overrides)
+        cfg, hydra_overrides = compose_and_validate(composer, overrides)
         run_dir = reserve_run_dir(Path(cfg.runs_dir), command, str(cfg.name))
 
         def task(job_cfg: DictConfig) -> int:
@@ -52,7 +52,7 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
             write_record(run_dir, plain, command, overrides)
             return execute(command, plain, run_dir)
 
-        return composer.run(overrides, run_dir, task)
+        return composer.run(hydra_overrides, run_dir, task)
 
 
 def resume_run(run_dir: Path) -> int:

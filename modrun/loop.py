@@ -45,14 +45,25 @@ class Objective:
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss, the logits used for train accuracy, and named loss terms to log."""
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss, the logits used for train accuracy, and named loss terms to log.
+
+        `idx` are the samples' indices in the train split (for per-sample state such as caches)."""
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         return loss, logits, {}
 
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (pruning masks hook in here)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond the modules' that a checkpoint must carry (caches, schedules)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
@@ -70,7 +81,7 @@ def evaluate(model: nn.Module, split: Split, prep: Preprocess, batch_size: int, 
     was_training = model.training
     model.eval()
     loss, top1, top5, n = 0.0, 0, 0, 0
-    for x, y in batches(split, batch_size, device=device):
+    for x, y, _ in batches(split, batch_size, device=device):
         logits = model(prep(x))
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -104,6 +115,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
             module.load_state_dict(ckpt["modules"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        objective.load_extra_state(ckpt.get("extra", {}))
         state = State(**ckpt["state"])
         checkpoint.set_rng_state(ckpt["rng"])
         log.info(f"resumed from step {state.step} (epoch {state.epoch})")
@@ -120,6 +132,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
                 "modules": {k: m.state_dict() for k, m in objective.modules().items()},
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "extra": objective.extra_state(),
                 "state": {**vars(state), "sums": {k: float(v) for k, v in running.items()}},
                 "rng": checkpoint.rng_state(),
                 "data_order": {"seed": seed, "epoch": state.epoch, "batch": state.step - state.epoch * steps_per_epoch},
@@ -135,7 +148,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
         while state.epoch < int(t.epochs):
             objective.model.train()
             start = state.step - state.epoch * steps_per_epoch
-            for x, y in batches(
+            for x, y, idx in batches(
                 data.train,
                 bs,
                 seed=seed,
@@ -147,7 +160,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
                 device=device,
             ):
                 # augmentation is seeded by the step, so a resumed run draws the same crops and flips
-                loss, logits, terms = objective.loss(prep(x, augment_seed=seed * 7919 + state.step), y)
+                loss, logits, terms = objective.loss(prep(x, augment_seed=seed * 7919 + state.step), y, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip:

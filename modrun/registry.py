@@ -90,6 +90,7 @@ DATASETS = Registry("dataset", "modrun.data")
 OPTIMIZERS = Registry("optimizer", "modrun.optim")
 SCHEDULERS = Registry("scheduler", "modrun.optim")
 LOGGERS = Registry("logger", "modrun.loggers")
+KD_METHODS = Registry("kd method", "modrun.distill")
 
 # `modrun list GROUP` looks groups up here; later features add their registries.
 REGISTRIES: dict[str, Registry] = {
@@ -98,6 +99,7 @@ REGISTRIES: dict[str, Registry] = {
     "optimizers": OPTIMIZERS,
     "schedulers": SCHEDULERS,
     "loggers": LOGGERS,
+    "kd": KD_METHODS,
 }
 
 

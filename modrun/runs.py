@@ -144,6 +144,11 @@ def log_to(run_dir: Path) -> Iterator[None]:
     console = _StderrHandler()
     for h in (file_handler, console):
         h.setFormatter(formatter)
+    # a run started inside another (a teacher trained for a distillation) logs to its own folder only
+    outer = list(log.handlers)
+    for h in outer:
+        log.removeHandler(h)
+    for h in (file_handler, console):
         log.addHandler(h)
     old_level, log.propagate = log.level, False
     log.setLevel(logging.INFO)
@@ -153,6 +158,8 @@ def log_to(run_dir: Path) -> Iterator[None]:
         for h in (file_handler, console):
             log.removeHandler(h)
             h.close()
+        for h in outer:
+            log.addHandler(h)
         log.setLevel(old_level)
 
 

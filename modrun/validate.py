@@ -1,46 +1,26 @@
-"""Config checks before any work: every problem reported at once, one line each, closest valid name suggested."""
+"""Validation before any work: overrides are checked against the config tree, then the composed config as a
+whole; every problem is reported at once, one line each, with the closest valid name suggested."""
 
 from __future__ import annotations
 
-import inspect
-import math
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+import importlib
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from modrun.checks import check_config, dotted_keys, suggest_key, type_problem
 from modrun.compose import Composer
-from modrun.data import RUNNER_KEYS
-from modrun.errors import UserError, closest, did_you_mean
-from modrun.registry import DATASETS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, import_user_modules
+from modrun.errors import UserError, did_you_mean
+from modrun.registry import import_user_modules
+
+# checks that only one command needs, run on its composed config ("module:function" -> list of problems)
+COMMAND_CHECKS = {"distill": "modrun.distill.checks:check"}
 
 
-@dataclass
-class Component:
-    """A config node that names a registered component; its other keys are the component's arguments."""
+def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """Compose `overrides` and check the result; raise one UserError listing every problem.
 
-    node: str
-    registry: Registry
-    runner_args: int = 0  # leading parameters the runner fills in (params, optimizer, steps)
-    runner_keys: set[str] = field(default_factory=lambda: {"name"})
-
-
-COMPONENTS = [
-    Component("model", MODELS),
-    Component("data", DATASETS, runner_keys=RUNNER_KEYS),
-    Component("optim", OPTIMIZERS, runner_args=1),
-    Component("sched", SCHEDULERS, runner_args=3),
-    Component("logger", LOGGERS, runner_args=1),
-]
-OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def compose_and_validate(composer: Composer, overrides: list[str]) -> DictConfig:
-    """Compose `overrides` and check the result; raise one UserError listing every problem."""
+    Returns the config and the overrides to hand to Hydra (shorthands such as `kd.beta=8` written out)."""
     parsed = composer.parse(overrides)
     groups = set(composer.groups())
     errors: list[str] = []
@@ -50,28 +30,42 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> DictConfig
         if o.is_hydra_override() or key.startswith("hydra/"):
             group_lines.append(o.input_line)
         elif key in groups:
-            problems = _check_group_choice(composer, o)
+            problems = check_group_choice(composer, o)
             errors += problems
             group_lines += [] if problems else [o.input_line]
         else:
             value_overrides.append(o)
     base = composer.compose(group_lines)
-    known = set(_dotted_keys(base))
+    known = set(dotted_keys(base))
     good = list(group_lines)
     for o in value_overrides:
-        problems = _check_value_override(base, known, o)
+        o = _expand_kd_shorthand(composer, base, known, o)
+        problems = check_value_override(base, known, o)
         errors += problems
         good += [] if problems else [o.input_line]
     # the overrides that passed are composed and checked as a whole, so every problem is reported at once
     cfg = composer.compose(good)
     import_user_modules(list(cfg.get("imports") or []))
     errors += check_config(cfg, composer.compose([line for line in group_lines if not line.startswith("~")]))
+    if not errors and composer.command in COMMAND_CHECKS:
+        module, attr = COMMAND_CHECKS[composer.command].split(":")
+        errors += getattr(importlib.import_module(module), attr)(cfg)
     if errors:
         raise UserError(*errors)
-    return cfg
+    return cfg, good
 
 
-def _check_group_choice(composer: Composer, o: Any) -> list[str]:
+def _expand_kd_shorthand(composer: Composer, base: DictConfig, known: set[str], o: Any) -> Any:
+    """`kd.beta=8` means `kd.terms.<the one term>.beta=8` when a single KD method is selected."""
+    terms = OmegaConf.select(base, "kd.terms")
+    key = o.key_or_group
+    if not key.startswith("kd.") or key in known or not isinstance(terms, DictConfig) or len(terms) != 1:
+        return o
+    full = f"kd.terms.{next(iter(terms))}.{key[3:]}"
+    return composer.parse([o.input_line.replace(key, full, 1)])[0]
+
+
+def check_group_choice(composer: Composer, o: Any) -> list[str]:
     if o.is_delete():
         return []
     value = o.value()
@@ -84,197 +78,21 @@ def _check_group_choice(composer: Composer, o: Any) -> list[str]:
     ]
 
 
-def _check_value_override(base: DictConfig, known: set[str], o: Any) -> list[str]:
+def check_value_override(base: DictConfig, known: set[str], o: Any) -> list[str]:
     key = o.key_or_group
     exists = key in known
     if o.is_delete():
-        return [] if exists else [f"~{key}: no key {key} to delete{_suggest_key(key, known)}"]
+        return [] if exists else [f"~{key}: no key {key} to delete{suggest_key(key, known)}"]
     if o.is_add():
         return [f"+{key}: {key} already exists — use {key}=... to change it"] if exists else []
     if o.is_force_add():
         return []
     if not exists:
-        return [f"unknown key {key}{_suggest_key(key, known)}"]
+        return [f"unknown key {key}{suggest_key(key, known)}"]
     if o.is_sweep_override():
         return []
     old = OmegaConf.select(base, key, throw_on_missing=False)
-    problem = _type_problem(old, o.value())
+    problem = type_problem(old, o.value())
     return [f"{key}={o.get_value_element_as_str()}: {problem}"] if problem else []
 
 
-def _suggest_key(key: str, known: set[str]) -> str:
-    """The closest known key, or else the valid keys beside it (same parent)."""
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = {k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent}
-    best = closest(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in siblings])
-    if best is not None:
-        return f" — did you mean {parent + '.' if parent else ''}{best}?"
-    if siblings:  # nothing close: list what is valid at that level
-        return did_you_mean(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in siblings])
-    return did_you_mean(key, known)  # the parent itself is unknown: look everywhere
-
-
-def _type_problem(old: Any, new: Any) -> str | None:
-    """Whether `new` may replace `old`: the same kind of value (numbers may widen to float)."""
-    if old is None or new is None or OmegaConf.is_missing(OmegaConf.create({"v": old}), "v"):
-        return None
-    if isinstance(old, bool):
-        return None if isinstance(new, bool) else f"expects true or false, got {_kind(new)}"
-    if isinstance(old, int):
-        return None if isinstance(new, int) and not isinstance(new, bool) else f"expects an integer, got {_kind(new)}"
-    if isinstance(old, float):
-        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
-        return None if ok else f"expects a number, got {_kind(new)}"
-    if isinstance(old, (list, ListConfig)):
-        return None if isinstance(new, (list, ListConfig)) else f"expects a list, got {_kind(new)}"
-    if isinstance(old, (dict, DictConfig)):
-        return None if isinstance(new, (dict, DictConfig)) else f"expects a mapping, got {_kind(new)}"
-    if isinstance(old, str):
-        return (
-            None
-            if isinstance(new, (str, int, float)) and not isinstance(new, bool)
-            else f"expects text, got {_kind(new)}"
-        )
-    return None
-
-
-def _kind(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list", dict: "a mapping"}
-    return f"{names.get(type(value), type(value).__name__)} '{value}'"
-
-
-def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:
-    """Problems of a composed config: missing values, unknown keys, wrong types, registry names, arguments."""
-    errors = [f"missing value for {k} (set {k}=...)" for k in _missing_keys(cfg)]
-    if errors:
-        return errors  # the checks below need values
-    components = {c.node for c in COMPONENTS}
-    ref_keys = set(_dotted_keys(reference))
-    for key in _dotted_keys(cfg):
-        head = key.split(".")[0]
-        if head in components or head in OPTIONAL_TOP_LEVEL:
-            continue
-        if key not in ref_keys and not _under_free_node(key, reference):
-            errors.append(f"unknown key {key}{_suggest_key(key, ref_keys)}")
-            continue
-        problem = _type_problem(OmegaConf.select(reference, key), OmegaConf.select(cfg, key))
-        if problem and not isinstance(OmegaConf.select(cfg, key), (DictConfig, ListConfig)):
-            errors.append(f"{key}={OmegaConf.select(cfg, key)}: {problem}")
-    for component in COMPONENTS:
-        if component.node in cfg:
-            errors += _check_component(cfg, component)
-    errors += _check_values(cfg)
-    imports = cfg.get("imports")
-    if imports is not None and (not isinstance(imports, ListConfig) or not all(isinstance(m, str) for m in imports)):
-        errors.append(f"imports={imports}: expects a list of module names, e.g. +imports=[my_models]")
-    return errors
-
-
-def _check_component(cfg: DictConfig, c: Component) -> list[str]:
-    node = cfg[c.node]
-    if not isinstance(node, DictConfig) or "name" not in node:
-        return [f"{c.node}: needs a 'name' key naming a registered {c.registry.kind}"]
-    name = str(node.name)
-    if name not in c.registry:
-        return [f"{c.node}.name={name}: unknown {c.registry.kind}{did_you_mean(name, c.registry.names())}"]
-    factory = c.registry.get(name)
-    params = list(inspect.signature(factory).parameters.values())[c.runner_args :]
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return []
-    accepted = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    errors = []
-    for key in node:
-        if key in c.runner_keys:
-            continue
-        if key not in accepted:
-            errors.append(
-                f"{c.node}.{key}: not an argument of {c.registry.kind} '{name}'{did_you_mean(str(key), accepted)}"
-            )
-        else:
-            problem = _annotation_problem(accepted[key].annotation, node[key])
-            if problem:
-                errors.append(f"{c.node}.{key}={node[key]}: {problem}")
-    for p in accepted.values():
-        if p.default is p.empty and p.name not in node:
-            errors.append(f"{c.node}.{p.name}: required by {c.registry.kind} '{name}' (set +{c.node}.{p.name}=...)")
-    return errors
-
-
-def _annotation_problem(annotation: Any, value: Any) -> str | None:
-    """Check simple annotations (int, float, bool, str, optionally '| None'); others are trusted."""
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    parts = {p.strip() for p in str(text).split("|")}
-    if value is None:
-        return None if "None" in parts else "must not be null"
-    base = parts - {"None"}
-    if len(base) != 1:
-        return None
-    sample = {"int": 0, "float": 0.0, "bool": False, "str": ""}.get(base.pop())
-    return None if sample is None else _type_problem(sample, value)
-
-
-def _check_values(cfg: DictConfig) -> list[str]:
-    errors = []
-    for key in _dotted_keys(cfg):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"{key}={value}: must be a finite number")
-    if not DEVICE.match(str(cfg.get("device", "auto"))):
-        errors.append(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
-    checks = [
-        ("trainer.epochs", 0),
-        ("data.batch_size", 1),
-        ("data.eval_batch_size", 1),
-        ("data.num_workers", 0),
-        ("trainer.log_every_steps", 1),
-        ("trainer.checkpoint_every_steps", 0),
-    ]
-    for key, low in checks:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, int) and value < low:
-            errors.append(f"{key}={value}: must be >= {low}")
-    lr = OmegaConf.select(cfg, "optim.lr")
-    if isinstance(lr, (int, float)) and math.isfinite(lr) and not lr > 0:
-        errors.append(f"optim.lr={lr}: must be > 0")
-    fractions = [OmegaConf.select(cfg, f"data.{k}_fraction") for k in ("val", "test")]
-    if all(isinstance(f, (int, float)) for f in fractions):
-        val, test = fractions
-        if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-            errors.append(
-                f"data.val_fraction={val} and data.test_fraction={test} must be in [0, 1) and sum to less than 1"
-            )
-    for key in ("data.path", "data.root"):
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, str) and not Path(value).expanduser().exists():
-            errors.append(f"{key}={value}: no such file or directory")
-    return errors
-
-
-def _missing_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
-    for key in cfg:
-        path = f"{prefix}{key}"
-        if OmegaConf.is_interpolation(cfg, key):
-            continue  # the value it points to is reported where it lives
-        if OmegaConf.is_missing(cfg, key):
-            yield path
-        elif isinstance(cfg[key], DictConfig):
-            yield from _missing_keys(cfg[key], path + ".")
-
-
-def _dotted_keys(cfg: DictConfig, prefix: str = "") -> Iterator[str]:
-    """Every key path of a config, leaves and inner nodes ("trainer", "trainer.epochs", ...)."""
-    for key in cfg:
-        path = f"{prefix}{key}"
-        yield path
-        if not OmegaConf.is_missing(cfg, key) and isinstance(cfg._get_node(key), DictConfig):
-            yield from _dotted_keys(cfg[key], path + ".")
-
-
-def _under_free_node(key: str, reference: DictConfig) -> bool:
-    """Keys below a node whose reference value is an empty mapping (free-form, e.g. user extras)."""
-    parts = key.split(".")
-    for i in range(1, len(parts)):
-        node = OmegaConf.select(reference, ".".join(parts[:i]))
-        if isinstance(node, DictConfig) and len(node) == 0:
-            return True
-    return False

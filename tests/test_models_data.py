@@ -49,8 +49,8 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert torch.equal(epoch_order(100, 3, 5, True), epoch_order(100, 3, 5, True))
     assert not torch.equal(epoch_order(100, 3, 5, True), epoch_order(100, 3, 6, True))
     split = Split(y=torch.arange(10), x=torch.arange(10).float().view(10, 1, 1, 1))
-    full = [y.tolist() for _, y in batches(split, 3, seed=1, epoch=0, shuffle=True)]
-    resumed = [y.tolist() for _, y in batches(split, 3, seed=1, epoch=0, shuffle=True, start=2)]
+    full = [y.tolist() for _, y, _ in batches(split, 3, seed=1, epoch=0, shuffle=True)]
+    resumed = [y.tolist() for _, y, _ in batches(split, 3, seed=1, epoch=0, shuffle=True, start=2)]
     assert resumed == full[2:]
 
 
@@ -77,7 +77,7 @@ def test_image_folder_split_by_fraction(tmp_path):
     _write_images(tmp_path / "imgs")
     d = image_folder(str(tmp_path / "imgs"), image_size=8, val_fraction=0.2, test_fraction=0.2)
     assert d.num_classes == 3 and len(d.train) + len(d.val) + len(d.test) == 18
-    x, y = next(batches(d.train, 4, num_workers=0))
+    x, y, _ = next(batches(d.train, 4, num_workers=0))
     assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
 
 

@@ -86,8 +86,9 @@ def batches(
     start: int = 0,
     num_workers: int = 0,
     device: torch.device | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of one epoch, skipping the first `start` (already consumed before a resume)."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, sample indices) of one epoch, skipping the first `start` batches (consumed before a
+    resume). The indices let per-sample state (teacher-output caches, contrastive memories) follow samples."""
     order = epoch_order(len(split), seed, epoch, shuffle)
     chunks = list(order.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
@@ -96,7 +97,7 @@ def batches(
     if split.x is not None:
         for idx in chunks:
             idx = idx.to(split.x.device)
-            yield split.x[idx], split.y[idx]
+            yield split.x[idx], split.y[idx], idx
         return
     loader = DataLoader(
         split.dataset,
@@ -105,10 +106,10 @@ def batches(
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=False,
     )
-    for x, y in loader:
+    for (x, y), idx in zip(loader, chunks, strict=True):
         if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield x, y
+            x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+        yield x, y, idx
 
 
 class Preprocess:

@@ -13,6 +13,10 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """conv(w) -> conv(2w) -> maxpool -> conv(4w) -> global avg pool -> dropout -> linear."""
 
+    # module paths that distillation refers to by role (`last`, `all`, `embedding` in kd configs)
+    feature_layers = ("features.0", "features.1", "features.3")
+    embedding_layer = "pool"
+
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
         self.features = nn.Sequential(

@@ -19,4 +19,9 @@ def mlp(
             layers.append(nn.Dropout(dropout))
         width = int(h)
     layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    model = nn.Sequential(*layers)
+    relus = [str(i) for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
+    # roles for distillation: hidden activations are its features, the last one its embedding
+    model.feature_layers = tuple(relus)
+    model.embedding_layer = relus[-1] if relus else "0"
+    return model

@@ -30,6 +30,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    feature_layers = ("layers.0", "layers.1", "layers.2")
+    embedding_layer = "pool"
+
     def __init__(self, depth: int, in_channels: int, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:

@@ -2,4 +2,5 @@
 
 PIPELINES = {
     "train": "modrun.pipelines.train:train",
+    "distill": "modrun.pipelines.distill:distill",
 }

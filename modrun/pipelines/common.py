@@ -124,7 +124,6 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
         except UserError:
             # bad input found late (e.g. a file vanished): leave no half-made folder if nothing was trained
             if not (run_dir / "checkpoints" / "last.pt").exists() and not resume:
-                logging.shutdown()
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:
                 ended("failed", error="bad input")

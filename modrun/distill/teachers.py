@@ -1,0 +1,140 @@
+"""Teachers: from a run folder, from a weights file plus a `model@teacher` config, or trained on the fly
+(through the train pipeline, into a run folder of its own that later distillations find and reuse)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from modrun.data.base import Data
+from modrun.errors import UserError
+from modrun.runs import read_json, reserve_run_dir
+
+log = logging.getLogger("modrun")
+TEACHER_KEYS = {"run", "checkpoint"}  # the rest of the teacher node is its model config
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors, or from a .pt/.pth (a state dict or a modrun checkpoint), never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no weights file '{path}'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input here
+        raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
+    if isinstance(state, dict) and "modules" in state:
+        state = state["modules"]["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UserError(f"weights in {source} do not fit the model: {detail}") from None
+    return model
+
+
+def run_weights(run: Path) -> Path:
+    return Path(run) / "model.safetensors"
+
+
+def model_from_run(run: str | Path, data: Data, device: torch.device, key: str) -> tuple[nn.Module, dict]:
+    """The model a completed run folder trained, with its final weights."""
+    from modrun.pipelines.common import build_model, load_run_config
+
+    run = Path(run)
+    cfg, status = load_run_config(run)
+    if status.get("state") != "completed" or not run_weights(run).exists():
+        raise UserError(f"{key}={run}: that run is {status.get('state')}, not completed; resume it first")
+    model = build_model(cfg.model, data, path=f"{key} model")
+    load_into(model, load_state(run_weights(run)), str(run))
+    return model.to(device), {"source": "run", "run": str(run), "model": OmegaConf.to_container(cfg.model)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def teacher_train_config(cfg: DictConfig) -> DictConfig:
+    """The train config of the teacher that a distillation with no teacher given trains first."""
+    node = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
+    keys = ["data", "optim", "sched", "trainer", "logger", "seed", "device", "runs_dir", "imports"]
+    tcfg = {"model": node, **{k: cfg[k] for k in keys if k in cfg}, "name": f"teacher_{node['name']}_{cfg.data.name}"}
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(tcfg), resolve=True))
+
+
+def train_teacher(cfg: DictConfig) -> Path:
+    """Train the teacher, or find the run that already did with the same resolved config and reuse it."""
+    from modrun.launch import _alive
+    from modrun.pipelines.common import execute, write_record
+
+    tcfg = teacher_train_config(cfg)
+    wanted = OmegaConf.to_container(tcfg)
+    for run in sorted((Path(cfg.runs_dir) / "train").glob("*/config.yaml"), reverse=True):
+        if OmegaConf.to_container(OmegaConf.load(run)) != wanted or not (run.parent / "status.json").exists():
+            continue
+        status = read_json(run.parent / "status.json")
+        if status.get("state") == "completed" and run_weights(run.parent).exists():
+            log.info(f"teacher: reusing {run.parent} (same resolved config, completed)")
+            return run.parent
+        if status.get("state") == "running" and _alive(status.get("pid")):
+            raise UserError(f"the teacher run {run.parent} is being trained by pid {status['pid']}; wait for it")
+        log.info(f"teacher: resuming the unfinished teacher run {run.parent}")
+        if execute("train", tcfg, run.parent, resume=True) != 0:
+            raise RuntimeError(f"teacher training failed; see {run.parent}/log.txt")
+        return run.parent
+    run = reserve_run_dir(Path(cfg.runs_dir), "train", str(tcfg.name))
+    log.info(f"teacher: none given, training {tcfg.model.name} first in {run}")
+    write_record(run, tcfg, "train", [])
+    if execute("train", tcfg, run) != 0:
+        raise RuntimeError(f"teacher training failed; see {run}/log.txt")
+    return run
+
+
+def load_teachers(cfg: DictConfig, data: Data, device: torch.device) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """Every teacher of a distillation, frozen, with a record of where each came from."""
+    from modrun.pipelines.common import build_model
+
+    t = cfg.teacher
+    runs = list(t.run) if isinstance(t.run, ListConfig) else ([t.run] if t.run else [])
+    teachers, records = [], []
+    if runs:
+        for run in runs:
+            model, record = model_from_run(run, data, device, "teacher.run")
+            teachers.append(model)
+            records.append({**record, "weights_sha256": _sha256(run_weights(run))})
+    elif t.checkpoint:
+        node = OmegaConf.create({k: v for k, v in t.items() if k not in TEACHER_KEYS})
+        model = load_into(build_model(node, data, path="teacher"), load_state(t.checkpoint), str(t.checkpoint))
+        teachers.append(model.to(device))
+        records.append(
+            {
+                "source": "checkpoint",
+                "checkpoint": str(t.checkpoint),
+                "model": OmegaConf.to_container(node),
+                "weights_sha256": _sha256(Path(t.checkpoint)),
+            }
+        )
+    else:
+        run = train_teacher(cfg)
+        model, record = model_from_run(run, data, device, "teacher.run")
+        teachers.append(model)
+        records.append({**record, "source": "trained", "weights_sha256": _sha256(run_weights(run))})
+    for model in teachers:
+        model.eval().requires_grad_(False)
+    return teachers, records

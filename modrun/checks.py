@@ -35,11 +35,9 @@ COMPONENTS = [
     Component("sched", SCHEDULERS, runner_args=3),
     Component("logger", LOGGERS, runner_args=1),
 ]
-TEACHER = Component("teacher", MODELS, runner_keys={"name", "run", "checkpoint"})
+TEACHER = Component("teacher", MODELS, runner_keys={"name", "run", "checkpoint", "seed"})
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
 
 
 def components(cfg: DictConfig) -> list[tuple[str, Component]]:
@@ -90,8 +88,6 @@ def type_problem(old: Any, new: Any) -> str | None:
 def _kind(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list", dict: "a mapping"}
     return f"{names.get(type(value), type(value).__name__)} '{value}'"
-
-
 
 
 def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:

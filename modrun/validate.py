@@ -59,7 +59,9 @@ def _expand_kd_shorthand(composer: Composer, base: DictConfig, known: set[str], 
     """`kd.beta=8` means `kd.terms.<the one term>.beta=8` when a single KD method is selected."""
     terms = OmegaConf.select(base, "kd.terms")
     key = o.key_or_group
-    if not key.startswith("kd.") or key in known or not isinstance(terms, DictConfig) or len(terms) != 1:
+    if not key.startswith("kd.") or key.startswith("kd.terms") or key in known:
+        return o
+    if not isinstance(terms, DictConfig) or len(terms) != 1:
         return o
     full = f"kd.terms.{next(iter(terms))}.{key[3:]}"
     return composer.parse([o.input_line.replace(key, full, 1)])[0]
@@ -94,5 +96,3 @@ def check_value_override(base: DictConfig, known: set[str], o: Any) -> list[str]
     old = OmegaConf.select(base, key, throw_on_missing=False)
     problem = type_problem(old, o.value())
     return [f"{key}={o.get_value_element_as_str()}: {problem}"] if problem else []
-
-

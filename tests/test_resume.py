@@ -148,3 +148,29 @@ def test_bad_input_found_late_leaves_no_folder(tmp_path):
     r = cli("train", "data=image_folder", "data.path=afile", "data.num_classes=2")
     assert r.code == 2 and "not a directory" in r.err
     assert not list(Path("runs").rglob("status.json"))
+
+
+def test_distill_with_cache_and_memory_bank_resumes_bitwise(tmp_path):
+    """Adapters, the CRD memory bank and the teacher cache all live across a SIGKILL."""
+    (tmp_path / "slowplugin.py").write_text(PLUGIN)
+    env = _env(tmp_path, 0)
+    teacher = cli_subprocess("train", "--runs-dir", "t", "trainer.epochs=1", "model.width=8", cwd=tmp_path, env=env)
+    assert teacher.returncode == 0, teacher.stderr
+    teacher_run = only_run(runs_dir=tmp_path / "t")
+    args = [
+        *ARGS,
+        f"teacher.run={teacher_run}",
+        "kd=[crd,fitnet]",
+        "kd.terms.crd.nce_k=32",
+        "kd.cache_teacher=true",
+        "data.augment.crop_padding=0",
+    ]
+    ref = cli_subprocess("distill", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path, "killed", 0.03, "distill", "--runs-dir", "killed", *args)
+    run = _wait_for_step(tmp_path / "killed", 31, proc)  # epoch 2: the cache is being read
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)

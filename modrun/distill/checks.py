@@ -28,7 +28,7 @@ def check(cfg: DictConfig) -> list[str]:
     if cfg.kd.teacher_mode not in ("mean", "each"):
         errors.append(f"kd.teacher_mode={cfg.kd.teacher_mode}: expected mean or each")
     if not runs:
-        teacher_nodes = [OmegaConf.create({k: v for k, v in t.items() if k not in ("run", "checkpoint")})]
+        teacher_nodes = [OmegaConf.create({k: v for k, v in t.items() if k not in ("run", "checkpoint", "seed")})]
     if not errors:
         errors += _check_layers(cfg, teacher_nodes)
     return errors
@@ -44,7 +44,7 @@ def _check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]
 
     def build(node: DictConfig) -> torch.nn.Module:
         with torch.device("meta"):
-            return MODELS.get(node.name)(**component_args(node, {"name", "run", "checkpoint"}))
+            return MODELS.get(node.name)(**component_args(node, {"name", "run", "checkpoint", "seed"}))
 
     errors = []
     try:

@@ -17,7 +17,7 @@ from modrun.errors import UserError
 from modrun.runs import read_json, reserve_run_dir
 
 log = logging.getLogger("modrun")
-TEACHER_KEYS = {"run", "checkpoint"}  # the rest of the teacher node is its model config
+TEACHER_KEYS = {"run", "checkpoint", "seed"}  # the rest of the teacher node is its model config
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +73,9 @@ def _sha256(path: Path) -> str:
 def teacher_train_config(cfg: DictConfig) -> DictConfig:
     """The train config of the teacher that a distillation with no teacher given trains first."""
     node = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
-    keys = ["data", "optim", "sched", "trainer", "logger", "seed", "device", "runs_dir", "imports"]
+    keys = ["data", "optim", "sched", "trainer", "logger", "device", "runs_dir", "imports"]
     tcfg = {"model": node, **{k: cfg[k] for k in keys if k in cfg}, "name": f"teacher_{node['name']}_{cfg.data.name}"}
+    tcfg["seed"] = cfg.teacher.seed  # its own seed: students of every seed share one teacher
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(tcfg), resolve=True))
 
 

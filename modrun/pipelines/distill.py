@@ -51,5 +51,10 @@ def distill(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     with torch.no_grad():
         teacher_test = [evaluate(t, data.test, prep, int(cfg.data.eval_batch_size), device)["top1"] for t in teachers]
     log.info("teacher test/top1: " + ", ".join(f"{a:.2f}" for a in teacher_test) + "; teachers verified frozen")
-    return {**result, **cost_report(student, data, device), "teachers": records, "teacher_test_top1": teacher_test,
-            "teachers_frozen_verified": True}
+    return {
+        **result,
+        **cost_report(student, data, device),
+        "teachers": records,
+        "teacher_test_top1": teacher_test,
+        "teachers_frozen_verified": True,
+    }

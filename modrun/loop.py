@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +23,9 @@ from modrun.data.base import Data, Preprocess, Split, batches, num_batches
 from modrun.progress import Progress
 from modrun.registry import OPTIMIZERS, SCHEDULERS
 from modrun.runs import MetricsWriter
+from modrun.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
 
 log = logging.getLogger("modrun")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops, keeping its last good checkpoint."""
-
-
-class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM: the loop saved a checkpoint and stopped; `modrun resume` continues."""
 
 
 class Objective:
@@ -92,8 +84,19 @@ def evaluate(model: nn.Module, split: Split, prep: Preprocess, batch_size: int, 
     return {"loss": loss / max(n, 1), "top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1)}
 
 
-def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device: torch.device, resume: bool) -> dict:
-    """Train `objective` for cfg.trainer.epochs; return final and best metrics."""
+def fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    objective: Objective,
+    data: Data,
+    device: torch.device,
+    resume: bool,
+    phase: str | None = None,
+) -> dict:
+    """Train `objective` for cfg.trainer.epochs; return final and best metrics.
+
+    A `phase` (one step of a multi-phase pipeline) keeps its checkpoints in checkpoints/<phase>/ and tags
+    its metrics records, so each phase resumes on its own."""
     t, seed = cfg.trainer, int(cfg.seed)
     bs = int(cfg.data.batch_size)
     steps_per_epoch = num_batches(len(data.train), bs, drop_last=t.drop_last)
@@ -105,8 +108,8 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
     scheduler = SCHEDULERS.get(cfg.sched.name)(optimizer, total_steps, steps_per_epoch, **sched_args)
     aug = cfg.data.get("augment") or {}
     prep = Preprocess(data, device, int(aug.get("crop_padding", 0)), bool(aug.get("hflip", False)))
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints" / phase if phase else run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     state = State()
     if resume and (ckpt_dir / "last.pt").exists():
@@ -119,7 +122,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
         state = State(**ckpt["state"])
         checkpoint.set_rng_state(ckpt["rng"])
         log.info(f"resumed from step {state.step} (epoch {state.epoch})")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=state.step if resume else None, phase=phase)
 
     def save(name: str) -> None:
         # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
@@ -142,7 +145,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
     # running sums of this epoch's train metrics stay on the device: no host sync per step
     running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
     val: dict[str, float] = {}
-    stop = _StopRequest()
+    stop = StopRequest()
     t0 = time.time()
     with stop, Progress(total_steps, initial=state.step, enabled=t.progress) as bar:
         while state.epoch < int(t.epochs):
@@ -177,7 +180,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
                     t.checkpoint_every_steps and state.step % int(t.checkpoint_every_steps) == 0
                 ) or stop.requested
                 if state.step % int(t.log_every_steps) == 0 or must_save:
-                    _check_finite(running, state)
+                    check_finite(running, state.step, state.epoch)
                 if state.step % int(t.log_every_steps) == 0:
                     metrics.write(
                         {
@@ -195,7 +198,7 @@ def fit(cfg: DictConfig, run_dir: Path, objective: Objective, data: Data, device
                 if stop.requested:
                     raise Interrupted(f"stopped by {stop.requested} at step {state.step}; resumable")
 
-            _check_finite(running, state)
+            check_finite(running, state.step, state.epoch)
             train = {k: (v / running["n"]).item() for k, v in running.items() if k != "n"}
             running, state.epoch = {}, state.epoch + 1
             val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device)
@@ -241,41 +244,9 @@ def _accumulate(
         sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float64, device=y.device)
 
 
-def _check_finite(running: dict[str, torch.Tensor], state: State) -> None:
-    if "loss" in running and not torch.isfinite(running["loss"]):
-        raise NonFiniteLoss(
-            f"loss became non-finite by step {state.step} (epoch {state.epoch + 1}); "
-            "the last checkpoint before it is kept"
-        )
-
-
 def _copy_with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     import copy
 
     clone = copy.deepcopy(model)
     clone.load_state_dict(weights)
     return clone
-
-
-class _StopRequest:
-    """Turns the first Ctrl-C / SIGTERM into a flag the loop checks between steps (a second one kills)."""
-
-    requested: str | None = None
-
-    def __enter__(self) -> _StopRequest:
-        self._old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

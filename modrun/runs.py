@@ -178,20 +178,24 @@ class _StderrHandler(logging.StreamHandler):
 class MetricsWriter:
     """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps its record."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, resume_step: int | None = None, phase: str | None = None) -> None:
+        self.path, self.phase = Path(path), phase
         if resume_step is not None and self.path.exists():
-            # drop what was logged after the checkpoint we resume from: it will be logged again
+            # drop what this phase logged after the checkpoint we resume from: it will be logged again
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
-                if line.strip() and _complete(line) and json.loads(line)["step"] <= resume_step
+                if line.strip()
+                and _complete(line)
+                and (json.loads(line).get("phase") != phase or json.loads(line)["step"] <= resume_step)
             ]
             atomic_write(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self.t0 = time.time()
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.phase:
+            record = {**record, "phase": self.phase}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 

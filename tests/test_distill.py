@@ -138,3 +138,19 @@ def test_distill_metrics_are_valid_json_lines():
     assert cli("distill", *QUICK, "kd=crd", "kd.nce_k=16").code == 0
     for line in (_runs("distill")[0] / "metrics.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line)["step"], int)
+
+
+def test_m2m_trains_each_stage_inside_the_teacher_then_the_student():
+    stages = ["model=resnet20", "model.width=0.25", "model@teacher=resnet32", "teacher.width=0.25"]
+    r = cli("distill", *stages, *FAST[:1], "kd=m2m", "kd.m2m.epochs=1")
+    assert r.code == 0, r.text
+    assert "m2m phase 1, stage 2: student layers.2 inside the teacher in place of layers.2" in r.err
+    run = _runs("distill")[0]
+    summary = read_json(run / "summary.json")
+    assert set(summary["m2m_phase1"]) == {"m2m_stage0", "m2m_stage1", "m2m_stage2"}
+    phases = {m.get("phase") for m in read_metrics(run)}
+    assert phases == {"m2m_stage0", "m2m_stage1", "m2m_stage2", None}
+    stage_record = next(m for m in read_metrics(run) if m.get("phase") == "m2m_stage1" and m["split"] == "train")
+    assert {"stage_loss", "logit_loss"} <= stage_record.keys()
+    r = cli("distill", "kd=m2m")  # cnn_tiny stages are narrower than cnn_small's
+    assert r.code == 2 and "kd.m2m: stage 0 (features.0 / features.0) shapes differ" in r.err

@@ -20,8 +20,7 @@ from modrun.registry import MODELS
 
 class SlowCNN(SmallCNN):
     def forward(self, x):
-        if self.training:
-            time.sleep(float(os.environ.get("SLOW", "0")))
+        time.sleep(float(os.environ.get("SLOW", "0")))
         return super().forward(x)
 
 @MODELS.register("slow_cnn")
@@ -58,13 +57,13 @@ def _start(tmp: Path, runs: str, slow: float, *cmd: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_step(run_root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> Path:
+def _wait_for_step(run_root: Path, step: int, proc: subprocess.Popen, timeout: float = 120, phase=None) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"run ended before step {step}: {proc.stderr.read()}"
         for metrics in run_root.glob("*/*/metrics.jsonl"):
             lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-            if lines and lines[-1]["step"] >= step:
+            if lines and lines[-1]["step"] >= step and lines[-1].get("phase") == phase:
                 return metrics.parent
         time.sleep(0.005)
     raise AssertionError("timed out waiting for the run")
@@ -171,6 +170,27 @@ def test_distill_with_cache_and_memory_bank_resumes_bitwise(tmp_path):
     run = _wait_for_step(tmp_path / "killed", 31, proc)  # epoch 2: the cache is being read
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)
+
+
+def test_m2m_killed_inside_a_stage_phase_resumes_bitwise(tmp_path):
+    """Module-to-module KD: a kill during phase 1 (stage 1) resumes in that stage and ends identical."""
+    (tmp_path / "slowplugin.py").write_text(PLUGIN)
+    env = _env(tmp_path, 0)
+    teacher = cli_subprocess("train", "--runs-dir", "t", *ARGS[:3], "trainer.epochs=1", cwd=tmp_path, env=env)
+    assert teacher.returncode == 0, teacher.stderr
+    teacher_run = only_run(runs_dir=tmp_path / "t")
+    args = [*ARGS[:3], *ARGS[5:], "trainer.epochs=1", f"teacher.run={teacher_run}", "kd=m2m", "kd.m2m.epochs=2"]
+    ref = cli_subprocess("distill", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path, "killed", 0.03, "distill", "--runs-dir", "killed", *args)
+    run = _wait_for_step(tmp_path / "killed", 26, proc, phase="m2m_stage1")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "m2m_stage0" / "done.json").exists()
+    assert not (run / "checkpoints" / "m2m_stage1" / "done.json").exists()
     done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)

@@ -51,6 +51,8 @@ def _check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]
         student, teachers = build(cfg.model), [build(n) for n in teacher_nodes]
     except Exception as e:  # noqa: BLE001 - a model that cannot be built is reported, not raised
         return [f"model: cannot build ({type(e).__name__}: {e})"]
+    if cfg.kd.get("m2m") is not None:
+        errors += _check_m2m(cfg, student, teachers[0])
     for key, term in (cfg.kd.terms or {}).items():
         for role, models in (("student_layer", [student]), ("teacher_layer", teachers)):
             for model in models:
@@ -59,3 +61,19 @@ def _check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]
                 except UserError as e:
                     errors += e.messages
     return sorted(set(errors), key=errors.index)
+
+
+def _check_m2m(cfg: DictConfig, student, teacher) -> list[str]:  # noqa: ANN001
+    """m2m stages checked on meta tensors: no memory, no time."""
+    import torch
+
+    from modrun.distill.capture import resolve_layers
+    from modrun.distill.m2m import stage_problems
+
+    try:
+        s_paths = resolve_layers(student, cfg.kd.m2m.student_stages, "kd.m2m.student_stages")
+        t_paths = resolve_layers(teacher, cfg.kd.m2m.teacher_stages, "kd.m2m.teacher_stages")
+    except UserError as e:
+        return e.messages
+    size, channels = int(cfg.data.image_size), int(cfg.data.channels)
+    return stage_problems(student, teacher, s_paths, t_paths, torch.zeros(2, channels, size, size, device="meta"))

@@ -22,9 +22,9 @@ from modrun import cost
 from modrun.data import RUNNER_KEYS
 from modrun.data.base import Data
 from modrun.errors import UserError
-from modrun.loop import Interrupted, NonFiniteLoss
 from modrun.registry import DATASETS, MODELS, import_user_modules
 from modrun.runs import atomic_write, log_to, read_json, record_environment, set_status, write_json
+from modrun.stopping import Interrupted, NonFiniteLoss
 
 log = logging.getLogger("modrun")
 

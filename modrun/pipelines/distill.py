@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from modrun.checkpoint import seed_everything
 from modrun.data.base import Preprocess
+from modrun.distill.m2m import run_phase1
 from modrun.distill.objective import DistillObjective
 from modrun.distill.teachers import load_teachers
 from modrun.errors import UserError
@@ -43,6 +44,10 @@ def distill(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     # seed again: the student must start the same whether its teacher was just trained here or reused
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     student = build_model(cfg.model, data).to(device)
+    phases = {}
+    if cfg.kd.get("m2m") is not None:  # module-to-module KD: stages first, then the whole student below
+        phases = run_phase1(cfg, run_dir, student, teachers[0], data, device, resume)
+        seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     objective = DistillObjective(student, teachers, cfg.kd, data, device, run_dir)
     result = fit(cfg, run_dir, objective, data, device, resume)
     objective.verify_teachers_frozen()
@@ -57,4 +62,5 @@ def distill(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         "teachers": records,
         "teacher_test_top1": teacher_test,
         "teachers_frozen_verified": True,
+        **({"m2m_phase1": phases} if phases else {}),
     }

@@ -41,3 +41,5 @@ def test_list_groups():
         assert name in r.out
     r = cli("list", "datasets")
     assert "image_folder" in r.out and "resnet20" not in r.out
+    r = cli("list", "kd")
+    assert r.code == 0 and "Zhao et al. CVPR 2022" in r.out and "crd" in r.out

@@ -50,53 +50,36 @@ def _with_runs_dir(overrides: list[str] | None, runs_dir: Path | None) -> list[s
     return list(overrides or []) + ([f"runs_dir={runs_dir}"] if runs_dir else [])
 
 
-def _run_command(
-    command: str,
-    overrides: list[str] | None,
-    config_dir: Path | None,
-    runs_dir: Path | None,
-    cfg_type: str | None,
-    resolve: bool,
-    package: str | None,
-) -> None:
-    def go() -> int:
-        from modrun.launch import launch, show
+def _add_run_command(command: str, help_text: str) -> None:
+    """`modrun <command> [OVERRIDES]`: compose, validate and run one job of a pipeline (or print --cfg)."""
 
-        ovr = _with_runs_dir(overrides, runs_dir)
-        if cfg_type is not None:
-            show(command, ovr, config_dir, cfg_type, package, resolve)
-            return 0
-        if resolve or package:
-            raise UserError("--resolve and --package only work together with --cfg")
-        return launch(command, ovr, config_dir)
+    def run(
+        overrides: list[str] | None = OVERRIDES,
+        config_dir: Path | None = CONFIG_DIR,
+        runs_dir: Path | None = RUNS_DIR,
+        cfg: str | None = CFG,
+        resolve: bool = RESOLVE,
+        package: str | None = PACKAGE,
+    ) -> None:
+        def go() -> int:
+            from modrun.launch import launch, show
 
-    _guard(go)
+            ovr = _with_runs_dir(overrides, runs_dir)
+            if cfg is not None:
+                show(command, ovr, config_dir, cfg, package, resolve)
+                return 0
+            if resolve or package:
+                raise UserError("--resolve and --package only work together with --cfg")
+            return launch(command, ovr, config_dir)
 
+        _guard(go)
 
-@app.command(context_settings={"allow_extra_args": True})
-def train(
-    overrides: list[str] | None = OVERRIDES,
-    config_dir: Path | None = CONFIG_DIR,
-    runs_dir: Path | None = RUNS_DIR,
-    cfg: str | None = CFG,
-    resolve: bool = RESOLVE,
-    package: str | None = PACKAGE,
-) -> None:
-    """Supervised training of one model (config `train`)."""
-    _run_command("train", overrides, config_dir, runs_dir, cfg, resolve, package)
+    run.__doc__ = help_text
+    app.command(command, context_settings={"allow_extra_args": True})(run)
 
 
-@app.command(context_settings={"allow_extra_args": True})
-def distill(
-    overrides: list[str] | None = OVERRIDES,
-    config_dir: Path | None = CONFIG_DIR,
-    runs_dir: Path | None = RUNS_DIR,
-    cfg: str | None = CFG,
-    resolve: bool = RESOLVE,
-    package: str | None = PACKAGE,
-) -> None:
-    """A student learns from frozen teacher(s) through KD terms (config `distill`)."""
-    _run_command("distill", overrides, config_dir, runs_dir, cfg, resolve, package)
+_add_run_command("train", "Supervised training of one model (config `train`).")
+_add_run_command("distill", "A student learns from frozen teacher(s) through KD terms (config `distill`).")
 
 
 @app.command()

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from modrun.data import RUNNER_KEYS
 from modrun.distill import TERM_KEYS
 from modrun.errors import closest, did_you_mean
-from modrun.registry import DATASETS, KD_METHODS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS, Registry
+from modrun.prune import RUNNER_KEYS as PRUNE_KEYS
+from modrun.registry import DATASETS, KD_METHODS, LOGGERS, MODELS, OPTIMIZERS, PRUNERS, SCHEDULERS, Registry
 
 
 @dataclass
@@ -34,6 +35,7 @@ COMPONENTS = [
     Component("optim", OPTIMIZERS, runner_args=1),
     Component("sched", SCHEDULERS, runner_args=3),
     Component("logger", LOGGERS, runner_args=1),
+    Component("prune", PRUNERS, runner_args=1, runner_keys=PRUNE_KEYS),
 ]
 TEACHER = Component("teacher", MODELS, runner_keys={"name", "run", "checkpoint", "seed"})
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it

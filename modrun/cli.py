@@ -80,11 +80,12 @@ def _add_run_command(command: str, help_text: str) -> None:
 
 _add_run_command("train", "Supervised training of one model (config `train`).")
 _add_run_command("distill", "A student learns from frozen teacher(s) through KD terms (config `distill`).")
+_add_run_command("prune", "Prune a model, recover by fine-tuning or distillation, report cost (config `prune`).")
 
 
 @app.command()
 def validate(
-    command: str = typer.Argument(..., help="train or distill"),
+    command: str = typer.Argument(..., help="train, distill or prune"),
     overrides: list[str] | None = OVERRIDES,
     config_dir: Path | None = CONFIG_DIR,
 ) -> None:

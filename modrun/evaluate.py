@@ -51,6 +51,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     from modrun.data.base import Preprocess
     from modrun.loop import evaluate
     from modrun.pipelines.common import build_data, build_model, load_run_config, resolve_device
+    from modrun.prune.shapes import apply_shapes, read_shapes
     from modrun.registry import import_user_modules
     from modrun.runs import read_json
 
@@ -60,7 +61,11 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     cfg = apply_overrides(cfg, overrides, status.get("command", "train"), config_dir)
     device = resolve_device(cfg.device)
     data = build_data(cfg).to(device)
-    model = build_model(cfg.model, data).to(device)
+    model = build_model(cfg.model, data)
+    shapes = read_shapes(run_dir)
+    if shapes:  # structurally pruned: rebuild the smaller layers first
+        apply_shapes(model, shapes)
+    model = model.to(device)
     if weights == "final":
         if not (run_dir / "model.safetensors").exists():
             raise UserError(f"{run_dir} has no model.safetensors (state {status.get('state')}); try --weights best")

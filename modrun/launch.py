@@ -13,7 +13,7 @@ from modrun.errors import UserError
 from modrun.runs import reserve_run_dir
 from modrun.validate import compose_and_validate
 
-COMMANDS = ("train", "distill")
+COMMANDS = ("train", "distill", "prune")
 
 
 def _composer(command: str, config_dir: Path | None) -> Composer:

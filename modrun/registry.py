@@ -91,6 +91,7 @@ OPTIMIZERS = Registry("optimizer", "modrun.optim")
 SCHEDULERS = Registry("scheduler", "modrun.optim")
 LOGGERS = Registry("logger", "modrun.loggers")
 KD_METHODS = Registry("kd method", "modrun.distill")
+PRUNERS = Registry("pruner", "modrun.prune")
 
 # `modrun list GROUP` looks groups up here; later features add their registries.
 REGISTRIES: dict[str, Registry] = {
@@ -100,6 +101,7 @@ REGISTRIES: dict[str, Registry] = {
     "schedulers": SCHEDULERS,
     "loggers": LOGGERS,
     "kd": KD_METHODS,
+    "pruners": PRUNERS,
 }
 
 

@@ -14,7 +14,7 @@ from modrun.errors import UserError, did_you_mean
 from modrun.registry import import_user_modules
 
 # checks that only one command needs, run on its composed config ("module:function" -> list of problems)
-COMMAND_CHECKS = {"distill": "modrun.distill.checks:check"}
+COMMAND_CHECKS = {"distill": "modrun.distill.checks:check", "prune": "modrun.prune.checks:check"}
 
 
 def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[DictConfig, list[str]]:

@@ -194,3 +194,21 @@ def test_m2m_killed_inside_a_stage_phase_resumes_bitwise(tmp_path):
     done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)
+
+
+def test_gradual_pruning_killed_mid_schedule_resumes_bitwise(tmp_path):
+    """Masks and the schedule position live in the checkpoint."""
+    (tmp_path / "slowplugin.py").write_text(PLUGIN)
+    env = _env(tmp_path, 0)
+    source = cli_subprocess("train", "--runs-dir", "s", *ARGS[:3], "trainer.epochs=1", cwd=tmp_path, env=env)
+    assert source.returncode == 0, source.stderr
+    args = [*ARGS, f"source.run={only_run(runs_dir=tmp_path / 's')}", "prune=gradual_magnitude", "prune.every=3"]
+    ref = cli_subprocess("prune", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp_path, "killed", 0.03, "prune", "--runs-dir", "killed", *args)
+    run = _wait_for_step(tmp_path / "killed", 23, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    _assert_identical(only_run("prune", runs_dir=tmp_path / "ref"), run)

@@ -30,11 +30,11 @@ def check(cfg: DictConfig) -> list[str]:
     if not runs:
         teacher_nodes = [OmegaConf.create({k: v for k, v in t.items() if k not in ("run", "checkpoint", "seed")})]
     if not errors:
-        errors += _check_layers(cfg, teacher_nodes)
+        errors += check_layers(cfg, teacher_nodes)
     return errors
 
 
-def _check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]:
+def check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]:
     """Layer paths of every KD term, checked against the models built on the meta device (no memory, no time)."""
     import torch
 

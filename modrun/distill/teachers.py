@@ -14,6 +14,7 @@ from torch import nn
 
 from modrun.data.base import Data
 from modrun.errors import UserError
+from modrun.prune.shapes import apply_shapes, read_shapes
 from modrun.runs import read_json, reserve_run_dir
 
 log = logging.getLogger("modrun")
@@ -62,6 +63,9 @@ def model_from_run(run: str | Path, data: Data, device: torch.device, key: str) 
     if status.get("state") != "completed" or not run_weights(run).exists():
         raise UserError(f"{key}={run}: that run is {status.get('state')}, not completed; resume it first")
     model = build_model(cfg.model, data, path=f"{key} model")
+    shapes = read_shapes(run)
+    if shapes:  # a structurally pruned run: rebuild its smaller layers before loading the weights
+        apply_shapes(model, shapes)
     load_into(model, load_state(run_weights(run)), str(run))
     return model.to(device), {"source": "run", "run": str(run), "model": OmegaConf.to_container(cfg.model)}
 
@@ -70,41 +74,46 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def teacher_train_config(cfg: DictConfig) -> DictConfig:
-    """The train config of the teacher that a distillation with no teacher given trains first."""
-    node = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
+def reference_train_config(cfg: DictConfig, model: dict, seed: int, name: str, epochs: int | None = None) -> DictConfig:
+    """The train config of a model that a run needs first (a teacher, a model to prune): this run's data,
+    optimiser, schedule and trainer, with its own model and seed."""
     keys = ["data", "optim", "sched", "trainer", "logger", "device", "runs_dir", "imports"]
-    tcfg = {"model": node, **{k: cfg[k] for k in keys if k in cfg}, "name": f"teacher_{node['name']}_{cfg.data.name}"}
-    tcfg["seed"] = cfg.teacher.seed  # its own seed: students of every seed share one teacher
+    tcfg = {"model": model, **{k: cfg[k] for k in keys if k in cfg}, "seed": seed, "name": name}
+    if epochs is not None:
+        tcfg["trainer"] = OmegaConf.merge(cfg.trainer, {"epochs": epochs})
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(tcfg), resolve=True))
 
 
-def train_teacher(cfg: DictConfig) -> Path:
-    """Train the teacher, or find the run that already did with the same resolved config and reuse it."""
+def train_or_reuse(cfg: DictConfig, model: dict, seed: int, name: str, role: str, epochs: int | None = None) -> Path:
+    """Train that model, or find the run that already did with the same resolved config and reuse it."""
     from modrun.launch import _alive
     from modrun.pipelines.common import execute, write_record
 
-    tcfg = teacher_train_config(cfg)
+    tcfg = reference_train_config(cfg, model, seed, name, epochs)
     wanted = OmegaConf.to_container(tcfg)
     for run in sorted((Path(cfg.runs_dir) / "train").glob("*/config.yaml"), reverse=True):
         if OmegaConf.to_container(OmegaConf.load(run)) != wanted or not (run.parent / "status.json").exists():
             continue
         status = read_json(run.parent / "status.json")
         if status.get("state") == "completed" and run_weights(run.parent).exists():
-            log.info(f"teacher: reusing {run.parent} (same resolved config, completed)")
+            log.info(f"{role}: reusing {run.parent} (same resolved config, completed)")
             return run.parent
         if status.get("state") == "running" and _alive(status.get("pid")):
-            raise UserError(f"the teacher run {run.parent} is being trained by pid {status['pid']}; wait for it")
-        log.info(f"teacher: resuming the unfinished teacher run {run.parent}")
+            raise UserError(f"the {role} run {run.parent} is being trained by pid {status['pid']}; wait for it")
+        log.info(f"{role}: resuming the unfinished {role} run {run.parent}")
         if execute("train", tcfg, run.parent, resume=True) != 0:
-            raise RuntimeError(f"teacher training failed; see {run.parent}/log.txt")
+            raise RuntimeError(f"{role} training failed; see {run.parent}/log.txt")
         return run.parent
-    run = reserve_run_dir(Path(cfg.runs_dir), "train", str(tcfg.name))
-    log.info(f"teacher: none given, training {tcfg.model.name} first in {run}")
+    run = reserve_run_dir(Path(cfg.runs_dir), "train", name)
+    log.info(f"{role}: none given, training {model['name']} first in {run}")
     write_record(run, tcfg, "train", [])
     if execute("train", tcfg, run) != 0:
-        raise RuntimeError(f"teacher training failed; see {run}/log.txt")
+        raise RuntimeError(f"{role} training failed; see {run}/log.txt")
     return run
+
+
+def teacher_model_node(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
 
 
 def load_teachers(cfg: DictConfig, data: Data, device: torch.device) -> tuple[list[nn.Module], list[dict[str, Any]]]:
@@ -132,7 +141,8 @@ def load_teachers(cfg: DictConfig, data: Data, device: torch.device) -> tuple[li
             }
         )
     else:
-        run = train_teacher(cfg)
+        node = teacher_model_node(cfg)
+        run = train_or_reuse(cfg, node, int(t.seed), f"teacher_{node['name']}_{cfg.data.name}", "teacher")
         model, record = model_from_run(run, data, device, "teacher.run")
         teachers.append(model)
         records.append({**record, "source": "trained", "weights_sha256": _sha256(run_weights(run))})

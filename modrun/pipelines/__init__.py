@@ -3,4 +3,5 @@
 PIPELINES = {
     "train": "modrun.pipelines.train:train",
     "distill": "modrun.pipelines.distill:distill",
+    "prune": "modrun.pipelines.prune:prune",
 }

@@ -1,0 +1,134 @@
+"""`modrun prune`: prune a trained model, recover by fine-tuning or distillation, report accuracy, size, speed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modrun.checkpoint import seed_everything
+from modrun.data.base import Preprocess
+from modrun.distill.objective import DistillObjective
+from modrun.distill.teachers import load_into, load_state, model_from_run, run_weights, train_or_reuse
+from modrun.errors import UserError
+from modrun.loop import Objective, evaluate, fit
+from modrun.pipelines.common import build_data, build_model, resolve_device, save_weights
+from modrun.prune import RUNNER_KEYS
+from modrun.prune.context import PruneContext, select_layers
+from modrun.prune.report import NOTE_UNSTRUCTURED, latencies, measure, print_report
+from modrun.prune.shapes import SHAPES_FILE, changed_shapes, layer_shapes
+from modrun.registry import PRUNERS
+from modrun.runs import atomic_write, write_json
+
+log = logging.getLogger("modrun")
+
+
+class PruneObjective(Objective):
+    """Any objective (fine-tuning, distillation) with the pruner's masks re-applied after every step."""
+
+    def __init__(self, inner: Objective, pruner: Any) -> None:
+        super().__init__(inner.model)
+        self.inner, self.pruner = inner, pruner
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return self.inner.modules()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return self.inner.loss(x, y, idx)
+
+    def after_step(self, step: int) -> None:
+        self.inner.after_step(step)
+        self.pruner.after_step(step)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**self.inner.extra_state(), "pruner": self.pruner.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.inner.load_extra_state(state)
+        if "pruner" in state:
+            self.pruner.load_state_dict(state["pruner"])
+
+
+def load_source(cfg: DictConfig, data: Any, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model to prune: from a run folder, a weights file for `model`, or trained first (and reused)."""
+    s = cfg.source
+    if s.run:
+        return model_from_run(s.run, data, device, "source.run")
+    if s.checkpoint:
+        model = load_into(build_model(cfg.model, data), load_state(s.checkpoint), str(s.checkpoint))
+        return model.to(device), {"source": "checkpoint", "checkpoint": str(s.checkpoint)}
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    run = train_or_reuse(cfg, node, int(s.seed), f"source_{node['name']}_{cfg.data.name}", "source", int(s.epochs))
+    model, record = model_from_run(run, data, device, "source.run")
+    return model, {**record, "source": "trained", "run": str(run_weights(run).parent)}
+
+
+def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
+    device = resolve_device(cfg.device)
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    data = build_data(cfg).to(device)
+    model, record = load_source(cfg, data, device)
+    write_json(run_dir / "source.json", record)
+    dense = copy.deepcopy(model).eval().requires_grad_(False)
+    prep, eval_bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
+    dense_cost = {
+        **measure(dense, data.channels, data.image_size),
+        "test_top1": evaluate(dense, data.test, prep, eval_bs, device)["top1"],
+    }
+
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))  # the same start, source trained here or not
+    p = cfg.prune
+    targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
+    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
+    pruner = PRUNERS.get(p.name)(PruneContext(model, targets, int(cfg.seed), example, data.num_classes), **args)
+    steps = int(cfg.trainer.epochs) * -(-len(data.train) // int(cfg.data.batch_size))
+    pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
+    if pruner.structured:
+        shapes = changed_shapes(layer_shapes(dense), layer_shapes(model))
+        atomic_write(run_dir / SHAPES_FILE, json.dumps(shapes, indent=2) + "\n")
+        log.info(
+            f"channel pruning changed {len(shapes)} layers; parameters {dense_cost['params']:,} -> "
+            f"{sum(q.numel() for q in model.parameters()):,}"
+        )
+
+    recover = cfg.recover.name
+    if recover == "none":
+        if getattr(pruner, "schedule", None):
+            raise UserError(f"prune={p.name} prunes during training; use recover=finetune or recover=distill")
+        result = {
+            "final": {
+                f"{split}/{k}": v
+                for split in ("val", "test")
+                for k, v in evaluate(model, getattr(data, split), prep, eval_bs, device).items()
+            }
+        }
+    else:
+        inner = (
+            Objective(model)
+            if recover == "finetune"
+            else DistillObjective(model, [dense], cfg.kd, data, device, run_dir)
+        )
+        result = fit(cfg, run_dir, PruneObjective(inner, pruner), data, device, resume)
+    pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
+    save_weights(run_dir, model)
+    pruned_cost = {**measure(model, data.channels, data.image_size), "test_top1": result["final"]["test/top1"]}
+    timed = latencies({"dense": dense, "pruned": model}, data.channels, data.image_size, device)
+    dense_cost.update(timed["dense"])
+    pruned_cost.update(timed["pruned"])
+    print_report(dense_cost, pruned_cost, pruner.structured)
+    return {
+        **result,
+        **{k: v for k, v in pruned_cost.items() if k != "test_top1"},
+        "dense": dense_cost,
+        "pruned": pruned_cost,
+        "speedup_cpu_b64": dense_cost["latency_ms_cpu_b64"] / pruned_cost["latency_ms_cpu_b64"],
+        "layer_sparsity": pruner.layer_sparsity(),
+        "structured": pruner.structured,
+        **({} if pruner.structured else {"note": NOTE_UNSTRUCTURED}),
+    }

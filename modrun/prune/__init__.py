@@ -1,0 +1,16 @@
+"""Pruning: unstructured masks with one-shot and gradual schedules, and structured channel pruning
+(through Torch-Pruning's dependency graph) that makes models physically smaller."""
+
+from modrun.registry import PRUNERS
+
+_U = "modrun.prune.unstructured"
+PRUNERS.lazy("magnitude", f"{_U}:magnitude", "one-shot L1 magnitude pruning, per layer or global")
+PRUNERS.lazy("random", f"{_U}:random", "one-shot random pruning (the baseline any method must beat)")
+PRUNERS.lazy("lamp", f"{_U}:lamp", "layer-adaptive magnitude-based pruning scores, global (Lee et al. ICLR 2021)")
+PRUNERS.lazy(
+    "gradual_magnitude", f"{_U}:gradual_magnitude", "magnitude pruning on the cubic schedule of Zhu & Gupta 2017"
+)
+PRUNERS.lazy("channel", "modrun.prune.structured:channel", "structured channel pruning via Torch-Pruning (Fang 2023)")
+
+# keys of the prune node the runner reads (which layers); the others are the pruner's own arguments
+RUNNER_KEYS = {"name", "include", "exclude", "types"}

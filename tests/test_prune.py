@@ -117,3 +117,29 @@ def test_source_from_checkpoint_and_bad_inputs():
         assert r.code == 2 and message in r.err, (overrides, r.err)
         assert "Traceback" not in r.text
     assert len(_runs("prune")) == 1
+
+
+def test_imp_rounds_rewind_and_reach_target():
+    r = cli("prune", *QUICK, "prune=imp", "prune.rounds=2", "prune.sparsity=0.75", "prune.rewind_step=3")
+    assert r.code == 0, r.text
+    run = _runs("prune")[0]
+    summary = read_json(run / "summary.json")
+    sparsities = [h["sparsity"] for h in summary["imp_rounds"]]
+    assert sparsities == pytest.approx([0.0, 0.5, 0.75], abs=0.01)  # survivors halve each round
+    assert (run / "checkpoints" / "imp_rewind.pt").exists()
+    assert {m.get("phase") for m in read_metrics(run)} == {"imp_round0", "imp_round1", "imp_round2"}
+    weights = load_file(run / "model.safetensors")
+    layers = [k for k in weights if k.endswith("weight") and weights[k].dim() in (2, 4)]
+    assert _sparsity(weights, layers) == pytest.approx(0.75, abs=0.01)
+
+
+def test_sensitivity_writes_table_plot_and_suggestion():
+    r = cli("prune", *QUICK, "prune=sensitivity", "prune.sparsities=[0.5,0.9]", "prune.target=0.6")
+    assert r.code == 0, r.text
+    run = _runs("prune")[0]
+    rows = (run / "sensitivity.csv").read_text().splitlines()
+    assert rows[0] == "layer,sparsity,val_top1,params" and len(rows) == 1 + 4 * 2
+    assert (run / "sensitivity.png").stat().st_size > 1000
+    summary = read_json(run / "summary.json")
+    assert summary["suggested_overall_sparsity"] >= 0.6
+    assert set(summary["suggested_sparsity"]) == {"features.0.0", "features.1.0", "features.3.0", "fc"}

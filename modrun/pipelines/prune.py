@@ -20,6 +20,7 @@ from modrun.loop import Objective, evaluate, fit
 from modrun.pipelines.common import build_data, build_model, resolve_device, save_weights
 from modrun.prune import RUNNER_KEYS
 from modrun.prune.context import PruneContext, select_layers
+from modrun.prune.imp import IMPPruner, run_rounds
 from modrun.prune.report import NOTE_UNSTRUCTURED, latencies, measure, print_report
 from modrun.prune.shapes import SHAPES_FILE, changed_shapes, layer_shapes
 from modrun.registry import PRUNERS
@@ -86,7 +87,11 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
     example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
     args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-    pruner = PRUNERS.get(p.name)(PruneContext(model, targets, int(cfg.seed), example, data.num_classes), **args)
+    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir)
+    pruner = PRUNERS.get(p.name)(ctx, **args)
+    if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
+        result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
+        return {**result, "final": {"val/top1": result["base_val_top1"]}, "dense": dense_cost}
     steps = int(cfg.trainer.epochs) * -(-len(data.train) // int(cfg.data.batch_size))
     pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
     if pruner.structured:
@@ -99,7 +104,7 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 
     recover = cfg.recover.name
     if recover == "none":
-        if getattr(pruner, "schedule", None):
+        if getattr(pruner, "schedule", None) or isinstance(pruner, IMPPruner):
             raise UserError(f"prune={p.name} prunes during training; use recover=finetune or recover=distill")
         result = {
             "final": {
@@ -109,12 +114,16 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
             }
         }
     else:
-        inner = (
-            Objective(model)
-            if recover == "finetune"
-            else DistillObjective(model, [dense], cfg.kd, data, device, run_dir)
-        )
-        result = fit(cfg, run_dir, PruneObjective(inner, pruner), data, device, resume)
+
+        def train(phase: str | None = None) -> dict:
+            inner = (
+                Objective(model)
+                if recover == "finetune"
+                else DistillObjective(model, [dense], cfg.kd, data, device, run_dir)
+            )
+            return fit(cfg, run_dir, PruneObjective(inner, pruner), data, device, resume, phase=phase)
+
+        result = run_rounds(pruner, train, int(cfg.seed), device) if isinstance(pruner, IMPPruner) else train()
     pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
     save_weights(run_dir, model)
     pruned_cost = {**measure(model, data.channels, data.image_size), "test_top1": result["final"]["test/top1"]}

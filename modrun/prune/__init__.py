@@ -10,6 +10,8 @@ PRUNERS.lazy("lamp", f"{_U}:lamp", "layer-adaptive magnitude-based pruning score
 PRUNERS.lazy(
     "gradual_magnitude", f"{_U}:gradual_magnitude", "magnitude pruning on the cubic schedule of Zhu & Gupta 2017"
 )
+PRUNERS.lazy("imp", "modrun.prune.imp:imp", "iterative magnitude pruning with weight rewinding (Frankle et al.)")
+PRUNERS.lazy("sensitivity", "modrun.prune.sensitivity:sensitivity", "per-layer sensitivity table, plot, suggestions")
 PRUNERS.lazy("channel", "modrun.prune.structured:channel", "structured channel pruning via Torch-Pruning (Fang 2023)")
 
 # keys of the prune node the runner reads (which layers); the others are the pruner's own arguments

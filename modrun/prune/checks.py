@@ -22,8 +22,8 @@ def check(cfg: DictConfig) -> list[str]:
         errors.append("source.run and source.checkpoint are both set; give one")
     if cfg.recover.name not in RECOVER:
         errors.append(f"recover.name={cfg.recover.name}: expected one of {', '.join(RECOVER)}")
-    if cfg.recover.name == "none" and cfg.prune.name == "gradual_magnitude":
-        errors.append("prune=gradual_magnitude prunes during training; use recover=finetune or recover=distill")
+    if cfg.recover.name == "none" and cfg.prune.name in ("gradual_magnitude", "imp"):
+        errors.append(f"prune={cfg.prune.name} prunes during training; use recover=finetune or recover=distill")
     for t in cfg.prune.types:
         if t not in LAYER_TYPES:
             errors.append(f"prune.types: unknown layer type {t} (valid: {', '.join(LAYER_TYPES)})")

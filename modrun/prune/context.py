@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ class PruneContext:
     seed: int
     example: torch.Tensor  # one input batch (shape probing, dependency tracing)
     num_classes: int
+    run_dir: Path  # where pruners that keep state on disk (IMP's rewind point) write
 
 
 def select_layers(model: nn.Module, include: list[str], exclude: list[str], types: list[str]) -> dict[str, nn.Module]:

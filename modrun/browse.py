@@ -31,8 +31,12 @@ def list_registry(group: str | None) -> None:
 
 
 def find_runs(runs_dir: Path) -> list[Path]:
-    """Run folders under runs_dir (runs/<command>/<run>/status.json), oldest first."""
-    return sorted({p.parent for p in Path(runs_dir).glob("*/*/status.json")}, key=lambda p: p.name)
+    """Run folders under runs_dir (runs/<command>/<run>, and sweep jobs runs/sweeps/<sweep>/<job>), oldest first."""
+    found = {
+        p.parent for pattern in ("*/*/status.json", "sweeps/*/*/status.json") for p in Path(runs_dir).glob(pattern)
+    }
+    # folder names start with their timestamp: a sweep's jobs sort by the sweep's, then by job number
+    return sorted(found, key=lambda p: (p.parent.name, p.name) if p.parent.parent.name == "sweeps" else (p.name, ""))
 
 
 def _summary(run: Path) -> dict:

@@ -16,7 +16,17 @@ from modrun.data import RUNNER_KEYS
 from modrun.distill import TERM_KEYS
 from modrun.errors import closest, did_you_mean
 from modrun.prune import RUNNER_KEYS as PRUNE_KEYS
-from modrun.registry import DATASETS, KD_METHODS, LOGGERS, MODELS, OPTIMIZERS, PRUNERS, SCHEDULERS, Registry
+from modrun.registry import (
+    DATASETS,
+    KD_METHODS,
+    LOGGERS,
+    MODELS,
+    OPTIMIZERS,
+    PRUNERS,
+    SCHEDULERS,
+    Registry,
+    missing_package,
+)
 
 
 @dataclass
@@ -34,7 +44,7 @@ COMPONENTS = [
     Component("data", DATASETS, runner_keys=RUNNER_KEYS),
     Component("optim", OPTIMIZERS, runner_args=1),
     Component("sched", SCHEDULERS, runner_args=3),
-    Component("logger", LOGGERS, runner_args=1),
+    Component("logger", LOGGERS, runner_args=3),  # run_dir, phase, resume_step
     Component("prune", PRUNERS, runner_args=1, runner_keys=PRUNE_KEYS),
 ]
 TEACHER = Component("teacher", MODELS, runner_keys={"name", "run", "checkpoint", "seed"})
@@ -125,6 +135,9 @@ def _check_component(cfg: DictConfig, path: str, c: Component) -> list[str]:
     if name not in c.registry:
         return [f"{path}.name={name}: unknown {c.registry.kind}{did_you_mean(name, c.registry.names())}"]
     factory = c.registry.get(name)
+    missing = missing_package(factory, f"{path}={name}")
+    if missing:
+        return [missing]
     params = list(inspect.signature(factory).parameters.values())[c.runner_args :]
     if any(p.kind == p.VAR_KEYWORD for p in params):
         return []

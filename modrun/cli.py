@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-runs_app = typer.Typer(help="Browse run folders: list, show.", no_args_is_help=True)
+runs_app = typer.Typer(help="Browse run folders: list, show, compare.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value, group=option, +key=value, ~key")
@@ -83,6 +83,23 @@ _add_run_command("distill", "A student learns from frozen teacher(s) through KD 
 _add_run_command("prune", "Prune a model, recover by fine-tuning or distillation, report cost (config `prune`).")
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def sweep(
+    command: str = typer.Argument(..., help="train, distill or prune"),
+    overrides: list[str] | None = OVERRIDES,
+    config_dir: Path | None = CONFIG_DIR,
+    runs_dir: Path | None = RUNS_DIR,
+) -> None:
+    """Hydra multirun of a command (a=1,2 range() glob() interval(); any launcher or sweeper) into one folder."""
+
+    def go() -> int:
+        from modrun.sweep import run_sweep
+
+        return run_sweep(command, _with_runs_dir(overrides, runs_dir), config_dir)
+
+    _guard(go)
+
+
 @app.command()
 def validate(
     command: str = typer.Argument(..., help="train, distill or prune"),
@@ -102,8 +119,8 @@ def validate(
 
 
 @app.command()
-def resume(run_dir: Path = typer.Argument(..., help="A run folder (runs/<command>/<run>).")) -> None:
-    """Continue a run from its last checkpoint; the result is identical to an uninterrupted run."""
+def resume(run_dir: Path = typer.Argument(..., help="A run folder, or a sweep folder.")) -> None:
+    """Continue a run from its last checkpoint (identical result); for a sweep, its unfinished jobs."""
 
     def go() -> int:
         from modrun.launch import resume_run
@@ -131,6 +148,20 @@ def evaluate(
     _guard(go)
 
 
+@app.command()
+def soup(
+    runs_and_overrides: list[str] = typer.Argument(..., help="Run and/or sweep folders, then soup=greedy, ..."),
+) -> None:
+    """Average the weights of compatible runs (model soups): soup=uniform (default) or soup=greedy."""
+
+    def go() -> int:
+        from modrun.soup import soup_runs
+
+        return soup_runs(list(runs_and_overrides))
+
+    _guard(go)
+
+
 @app.command("list")
 def list_components(group: str | None = typer.Argument(None, help="models, datasets, optimizers, ...")) -> None:
     """Registered components, with a one-line description each."""
@@ -152,6 +183,24 @@ def runs_list(runs_dir: Path = typer.Argument(Path("runs"), help="The runs folde
         from modrun.browse import list_runs
 
         list_runs(runs_dir)
+        return 0
+
+    _guard(go)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    paths: list[Path] = typer.Argument(..., help="A sweep folder, or several run folders."),
+    objective: str | None = typer.Option(None, help="Metric to rank by (default: the sweep's, else val/top1)."),
+    out: Path | None = typer.Option(None, help="Where compare.csv and the plots go (default: the sweep folder)."),
+    plots: bool = typer.Option(True, help="Write curves.png and pareto.png (needs matplotlib)."),
+) -> None:
+    """Ranked table of runs (overrides that differ, metrics, mean ± std over seeds), CSV and plots."""
+
+    def go() -> int:
+        from modrun.compare import compare
+
+        compare(paths, objective, plots, out)
         return 0
 
     _guard(go)

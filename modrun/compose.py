@@ -65,10 +65,9 @@ class Composer:
     def options(self, group: str) -> list[str]:
         return self.hydra.config_loader.get_group_options(group)
 
-    @staticmethod
-    def parse(overrides: list[str]) -> list[Override]:
-        try:
-            return OverridesParser.create().parse_overrides(overrides)
+    def parse(self, overrides: list[str]) -> list[Override]:
+        try:  # with the config loader, a sweep's glob(...) over a group's options can be expanded
+            return OverridesParser.create(config_loader=self.hydra.config_loader).parse_overrides(overrides)
         except OverrideParseException as e:
             raise UserError(f"bad override syntax: {str(e).splitlines()[0]}") from None
 
@@ -93,6 +92,14 @@ class Composer:
         ret = self.hydra.run(self.command, task, [*overrides, run_override], with_log_configuration=True)
         return int(ret.return_value)
 
+    def multirun(self, overrides: list[str], sweep_dir: Path, task: Callable[[DictConfig], Any]) -> Any:
+        """Hand `overrides` to Hydra's configured sweeper and launcher; each job's folder is inside `sweep_dir`."""
+        where = [f"hydra.sweep.dir={_quote(str(sweep_dir))}", "hydra.sweep.subdir='${modrun_job_dir:${hydra.job.num}}'"]
+        try:
+            return self.hydra.multirun(self.command, task, [*overrides, *where], with_log_configuration=True)
+        except HydraException as e:
+            raise UserError(_first_line(e)) from None
+
     def show(self, overrides: list[str], cfg_type: str, package: str | None, resolve: bool) -> None:
         if cfg_type not in ("job", "hydra", "all"):
             raise UserError(f"--cfg must be job, hydra or all, got '{cfg_type}'")
@@ -100,6 +107,16 @@ class Composer:
             self.hydra.show_cfg(self.command, overrides, cfg_type=cfg_type, package=package, resolve=resolve)
         except (HydraException, ValueError) as e:
             raise UserError(_first_line(e)) from None
+
+
+def job_dir_name(num: int | str) -> str:
+    """A sweep job's folder: zero-padded so that a file browser lists jobs in order."""
+    return f"{int(num):03d}"
+
+
+# resolved by Hydra inside each job, in whatever process the launcher starts: registered on import, and the
+# sweep's task lives in modrun.sweep, which imports this module wherever the task is unpickled
+OmegaConf.register_new_resolver("modrun_job_dir", job_dir_name, replace=True)
 
 
 def _quote(value: str) -> str:

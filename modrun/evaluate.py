@@ -58,7 +58,10 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     run_dir = Path(run_dir)
     cfg, status = load_run_config(run_dir)
     import_user_modules(list(cfg.get("imports") or []))
-    cfg = apply_overrides(cfg, overrides, status.get("command", "train"), config_dir)
+    command = status.get("command", "train")
+    # a soup has no Hydra config of its own: group overrides (data=...) compose as for a training run
+    command = command if command in ("train", "distill", "prune") else "train"
+    cfg = apply_overrides(cfg, overrides, command, config_dir)
     device = resolve_device(cfg.device)
     data = build_data(cfg).to(device)
     model = build_model(cfg.model, data)

@@ -16,7 +16,7 @@ from modrun.validate import compose_and_validate
 COMMANDS = ("train", "distill", "prune")
 
 
-def _composer(command: str, config_dir: Path | None) -> Composer:
+def composer_for(command: str, config_dir: Path | None) -> Composer:
     if command not in COMMANDS:
         from modrun.errors import did_you_mean
 
@@ -26,7 +26,7 @@ def _composer(command: str, config_dir: Path | None) -> Composer:
 
 def check(command: str, overrides: list[str], config_dir: Path | None = None) -> str:
     """The resolved config as YAML, after validation (`modrun validate`)."""
-    with _composer(command, config_dir) as composer:
+    with composer_for(command, config_dir) as composer:
         return OmegaConf.to_yaml(compose_and_validate(composer, overrides)[0], resolve=True)
 
 
@@ -34,7 +34,7 @@ def show(
     command: str, overrides: list[str], config_dir: Path | None, cfg_type: str, package: str | None, resolve: bool
 ) -> None:
     """`modrun train --cfg job`: Hydra prints the composed config (validated first)."""
-    with _composer(command, config_dir) as composer:
+    with composer_for(command, config_dir) as composer:
         _, hydra_overrides = compose_and_validate(composer, overrides)
         composer.show(hydra_overrides, cfg_type, package, resolve)
 
@@ -43,7 +43,7 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
     """Validate, then run one job into a fresh run folder. Returns the exit code."""
     from modrun.pipelines.common import execute, write_record
 
-    with _composer(command, config_dir) as composer:
+    with composer_for(command, config_dir) as composer:
         cfg, hydra_overrides = compose_and_validate(composer, overrides)
         run_dir = reserve_run_dir(Path(cfg.runs_dir), command, str(cfg.name))
 
@@ -56,8 +56,12 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
 
 
 def resume_run(run_dir: Path) -> int:
-    """Continue a run in its own folder from checkpoints/last.pt."""
+    """Continue a run in its own folder from checkpoints/last.pt (a sweep folder: its unfinished jobs)."""
     from modrun.pipelines.common import execute, load_run_config
+    from modrun.sweep import is_sweep_dir, resume_sweep
+
+    if is_sweep_dir(run_dir):
+        return resume_sweep(Path(run_dir))
 
     cfg, status = load_run_config(run_dir)
     if status.get("state") == "completed":

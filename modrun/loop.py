@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from modrun import checkpoint
+from modrun import distributed as ddp
 from modrun.data.base import Data, Preprocess, Split, batches, num_batches
+from modrun.loggers import build_logger
 from modrun.progress import Progress
 from modrun.registry import OPTIMIZERS, SCHEDULERS
 from modrun.runs import MetricsWriter
@@ -69,19 +71,24 @@ class State:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device) -> dict:
-    """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers."""
+    """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers.
+
+    In a data-parallel run each process evaluates its share and the sums are added up over processes."""
     was_training = model.training
     model.eval()
-    loss, top1, top5, n = 0.0, 0, 0, 0
-    for x, y, _ in batches(split, batch_size, device=device):
+    sums = {"loss": 0.0, "top1": 0, "top5": 0, "n": 0}
+    shard = "eval" if ddp.world_size() > 1 else None
+    for x, y, _ in batches(split, batch_size, device=device, shard=shard):
         logits = model(prep(x))
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (top[:, 0] == y).sum().item()
-        top5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
+        sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums["top1"] += (top[:, 0] == y).sum().item()
+        sums["top5"] += (top == y[:, None]).any(dim=1).sum().item()
+        sums["n"] += len(y)
     model.train(was_training)
-    return {"loss": loss / max(n, 1), "top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1)}
+    total = {k: float(v) for k, v in ddp.reduce_sums({k: torch.tensor(float(v)) for k, v in sums.items()}).items()}
+    n = max(total["n"], 1)
+    return {"loss": total["loss"] / n, "top1": 100.0 * total["top1"] / n, "top5": 100.0 * total["top5"] / n}
 
 
 def fit(
@@ -98,8 +105,9 @@ def fit(
     A `phase` (one step of a multi-phase pipeline) keeps its checkpoints in checkpoints/<phase>/ and tags
     its metrics records, so each phase resumes on its own."""
     t, seed = cfg.trainer, int(cfg.seed)
-    bs = int(cfg.data.batch_size)
-    steps_per_epoch = num_batches(len(data.train), bs, drop_last=t.drop_last)
+    bs, world, main = int(cfg.data.batch_size), ddp.world_size(), ddp.is_main()
+    # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs
+    steps_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
     total_steps = int(t.epochs) * steps_per_epoch
     params = [p for m in objective.modules().values() for p in m.parameters() if p.requires_grad]
     optim_args = {k: v for k, v in cfg.optim.items() if k != "name"}
@@ -112,6 +120,8 @@ def fit(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     state = State()
+    if world > 1:  # the same starting weights everywhere, whatever each process built
+        ddp.broadcast_state(objective.modules().values(), buffers_only=False)
     if resume and (ckpt_dir / "last.pt").exists():
         ckpt = checkpoint.load(ckpt_dir / "last.pt", device)
         for name, module in objective.modules().items():
@@ -119,16 +129,28 @@ def fit(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         objective.load_extra_state(ckpt.get("extra", {}))
-        state = State(**ckpt["state"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        own = ddp.own_state(ckpt)  # this process's random state and partial sums
+        state = State(**{**ckpt["state"], "sums": own["sums"]})
+        checkpoint.set_rng_state(own["rng"])
         log.info(f"resumed from step {state.step} (epoch {state.epoch})")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_step=state.step if resume else None, phase=phase)
+    resume_step = state.step if resume else None
+    metrics = (  # the logger gets every record; closed with the `with` below
+        MetricsWriter(
+            run_dir / "metrics.jsonl", resume_step, phase, sinks=[build_logger(cfg, run_dir, phase, resume_step)]
+        )
+        if main
+        else ddp.DiscardMetrics()  # rank 0 alone writes the run folder
+    )
 
     def save(name: str) -> None:
         # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
         for module in objective.modules().values():
             if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
                 raise NonFiniteLoss(f"weights became non-finite by step {state.step}; the last checkpoint is kept")
+        mine = {"rng": checkpoint.rng_state(), "sums": {k: float(v) for k, v in running.items()}}
+        ranks = ddp.gather_objects(mine)  # a data-parallel run resumes each process's own state
+        if not main:
+            return ddp.barrier()
         checkpoint.save(
             ckpt_dir / name,
             {
@@ -136,18 +158,20 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "extra": objective.extra_state(),
-                "state": {**vars(state), "sums": {k: float(v) for k, v in running.items()}},
-                "rng": checkpoint.rng_state(),
+                "state": {**vars(state), "sums": mine["sums"]},
+                "rng": mine["rng"],
+                **({"ranks": ranks} if world > 1 else {}),
                 "data_order": {"seed": seed, "epoch": state.epoch, "batch": state.step - state.epoch * steps_per_epoch},
             },
         )
+        ddp.barrier()  # the other processes read checkpoints (best.pt at the end) only once they are written
 
     # running sums of this epoch's train metrics stay on the device: no host sync per step
     running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
     val: dict[str, float] = {}
     stop = StopRequest()
     t0 = time.time()
-    with stop, Progress(total_steps, initial=state.step, enabled=t.progress) as bar:
+    with stop, Progress(total_steps, initial=state.step, enabled=t.progress and main) as bar, metrics:
         while state.epoch < int(t.epochs):
             objective.model.train()
             start = state.step - state.epoch * steps_per_epoch
@@ -161,14 +185,19 @@ def fit(
                 start=start,
                 num_workers=int(cfg.data.num_workers),
                 device=device,
+                shard="train" if world > 1 else None,
             ):
                 # augmentation is seeded by the step, so a resumed run draws the same crops and flips
                 loss, logits, terms = objective.loss(prep(x, augment_seed=seed * 7919 + state.step), y, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:
+                    ddp.average_gradients(params)
                 if t.grad_clip:
                     nn.utils.clip_grad_norm_(params, float(t.grad_clip))
                 optimizer.step()
+                if world > 1:
+                    ddp.broadcast_state(objective.modules().values())  # rank 0's BatchNorm statistics
                 scheduler.step()
                 state.step += 1
                 objective.after_step(state.step)
@@ -176,11 +205,10 @@ def fit(
                 bar.update(state.step, f"epoch {state.epoch + 1}/{t.epochs}")
                 # a NaN/inf loss poisons the running sum; checking it only here and before each save avoids a
                 # host sync per step, and no checkpoint is ever written after the loss went bad
-                must_save = (
-                    t.checkpoint_every_steps and state.step % int(t.checkpoint_every_steps) == 0
-                ) or stop.requested
+                stopping = ddp.any_rank(stop.requested is not None, device)  # every process stops at one step
+                must_save = (t.checkpoint_every_steps and state.step % int(t.checkpoint_every_steps) == 0) or stopping
                 if state.step % int(t.log_every_steps) == 0 or must_save:
-                    check_finite(running, state.step, state.epoch)
+                    check_finite(ddp.reduce_sums(running), state.step, state.epoch)
                 if state.step % int(t.log_every_steps) == 0:
                     metrics.write(
                         {
@@ -195,11 +223,14 @@ def fit(
                     )
                 if must_save:
                     save("last.pt")
-                if stop.requested:
-                    raise Interrupted(f"stopped by {stop.requested} at step {state.step}; resumable")
+                if stopping:
+                    raise Interrupted(
+                        f"stopped by {stop.requested or 'another process'} at step {state.step}; resumable"
+                    )
 
-            check_finite(running, state.step, state.epoch)
-            train = {k: (v / running["n"]).item() for k, v in running.items() if k != "n"}
+            totals = ddp.reduce_sums(running)  # over every process's share of the epoch
+            check_finite(totals, state.step, state.epoch)
+            train = {k: (v / totals["n"]).item() for k, v in totals.items() if k != "n"}
             running, state.epoch = {}, state.epoch + 1
             val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device)
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
@@ -212,7 +243,6 @@ def fit(
                 state.best, state.best_epoch = val["top1"], state.epoch
                 save("best.pt")
             save("last.pt")
-    metrics.close()
 
     eval_bs = int(cfg.data.eval_batch_size)
     final = {f"val/{k}": v for k, v in val.items()}

@@ -12,6 +12,7 @@ import torch; user components register eagerly with the decorator:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,16 @@ class Registry:
     def summaries(self) -> list[tuple[str, str]]:
         self._load_catalog()
         return [(n, self._entries[n].summary) for n in sorted(self._entries)]
+
+
+def missing_package(factory: Any, choice: str) -> str | None:
+    """One line saying what to install when `factory` declares an optional package that is absent.
+
+    A component declares it as `requires = (module, pip requirement)`; find_spec imports nothing."""
+    module, requirement = getattr(factory, "requires", (None, None))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"{choice} needs the {module} package: pip install '{requirement}'"
 
 
 MODELS = Registry("model", "modrun.models")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -176,10 +176,15 @@ class _StderrHandler(logging.StreamHandler):
 
 
 class MetricsWriter:
-    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps its record."""
+    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps its record.
 
-    def __init__(self, path: Path, resume_step: int | None = None, phase: str | None = None) -> None:
-        self.path, self.phase = Path(path), phase
+    `sinks` (loggers, see modrun.loggers) get each record after the file; used as a context manager, the
+    writer closes them with how the block ended."""
+
+    def __init__(
+        self, path: Path, resume_step: int | None = None, phase: str | None = None, sinks: Sequence[Any] = ()
+    ) -> None:
+        self.path, self.phase, self.sinks = Path(path), phase, list(sinks)
         if resume_step is not None and self.path.exists():
             # drop what this phase logged after the checkpoint we resume from: it will be logged again
             kept = [
@@ -198,9 +203,24 @@ class MetricsWriter:
             record = {**record, "phase": self.phase}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        for sink in self.sinks:  # after the file, which stays the record if a sink fails
+            sink.log(record)
 
-    def close(self) -> None:
+    def close(self, status: str = "completed") -> None:
+        """Close the file and the sinks (once); `status` is completed, interrupted or failed."""
         self.file.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close(status)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        from modrun.stopping import Interrupted  # here, not at the top: the run-folder helpers need no torch
+
+        stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+        self.close("completed" if exc is None else "interrupted" if stopped else "failed")
 
 
 def _complete(line: str) -> bool:

@@ -47,12 +47,81 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[Dict
     cfg = composer.compose(good)
     import_user_modules(list(cfg.get("imports") or []))
     errors += check_config(cfg, composer.compose([line for line in group_lines if not line.startswith("~")]))
+    if not errors:
+        errors += check_processes(composer.command, cfg)
     if not errors and composer.command in COMMAND_CHECKS:
         module, attr = COMMAND_CHECKS[composer.command].split(":")
         errors += getattr(importlib.import_module(module), attr)(cfg)
     if errors:
         raise UserError(*errors)
     return cfg, good
+
+
+def check_processes(command: str, cfg: DictConfig) -> list[str]:
+    """What a data-parallel run (trainer.devices x trainer.nodes > 1) does not support yet."""
+    t = cfg.get("trainer") or {}
+    devices, nodes = t.get("devices", 1), t.get("nodes", 1)
+    bad = [
+        f"trainer.{k}={v}: must be a whole number >= 1" for k, v in (("devices", devices), ("nodes", nodes)) if v < 1
+    ]
+    if bad or devices * nodes == 1:
+        return bad
+    if command == "prune":
+        return ["trainer.devices>1: modrun prune runs in one process (recover on several with modrun distill/train)"]
+    kd = cfg.get("kd") or {}
+    if kd.get("cache_teacher"):
+        return ["kd.cache_teacher=true is single-process: set trainer.devices=1 or kd.cache_teacher=false"]
+    if any(term.get("name") == "crd" for term in (kd.get("terms") or {}).values()):
+        return ["kd=crd keeps a per-sample memory bank in one process: set trainer.devices=1 for CRD"]
+    return []
+
+
+def validate_sweep(composer: Composer, overrides: list[str], limit: int = 200) -> tuple[DictConfig, list[str]]:
+    """Check a sweep before any job starts; return the first job's config and the overrides for Hydra.
+
+    Every value of every swept key is tried once, each in the first job's company (one sweep of values per
+    key, not the whole product: the product's jobs only combine values that were each checked). Intervals
+    (for sweepers such as optuna) are tried at both ends."""
+    parsed = composer.parse(overrides)
+    sweeps = [o for o in parsed if o.is_sweep_override() and not _is_hydra(o)]
+    if not sweeps:
+        raise UserError("a sweep needs at least one swept key, e.g. seed=0,1,2 or optim.lr=0.1,0.05")
+    values = {o.input_line: _representatives(o) for o in sweeps}
+
+    def job(choice: dict[str, str]) -> list[str]:
+        return [choice.get(o.input_line, o.input_line) for o in parsed]
+
+    first = {line: vals[0] for line, vals in values.items()}
+    first_cfg, _ = compose_and_validate(composer, job(first))
+    jobs = [job({**first, line: v}) for line, vals in values.items() for v in vals[1:]]
+    errors: list[str] = []
+    for lines in jobs[:limit]:
+        try:
+            compose_and_validate(composer, lines)
+        except UserError as e:
+            errors += [m for m in e.messages if m not in errors]
+    if errors:
+        raise UserError(*errors)
+    # kd.X shorthands are written out against the first job's config, for Hydra and so for every job alike
+    return first_cfg, [_expanded(composer, first_cfg, o) for o in parsed]
+
+
+def _is_hydra(o: Any) -> bool:
+    return o.is_hydra_override() or o.key_or_group.startswith("hydra/")
+
+
+def _representatives(o: Any) -> list[str]:
+    key = o.get_key_element()
+    if o.is_discrete_sweep():
+        return [f"{key}={v}" for v in o.sweep_string_iterator()]
+    sweep = o.value()  # an interval
+    return [f"{key}={sweep.start}", f"{key}={sweep.end}"]
+
+
+def _expanded(composer: Composer, cfg: DictConfig, o: Any) -> str:
+    if _is_hydra(o) or o.key_or_group in composer.groups():
+        return o.input_line
+    return _expand_kd_shorthand(composer, cfg, set(dotted_keys(cfg)), o).input_line
 
 
 def _expand_kd_shorthand(composer: Composer, base: DictConfig, known: set[str], o: Any) -> Any:

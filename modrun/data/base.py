@@ -86,10 +86,18 @@ def batches(
     start: int = 0,
     num_workers: int = 0,
     device: torch.device | None = None,
+    shard: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images, labels, sample indices) of one epoch, skipping the first `start` batches (consumed before a
-    resume). The indices let per-sample state (teacher-output caches, contrastive memories) follow samples."""
+    resume). The indices let per-sample state (teacher-output caches, contrastive memories) follow samples.
+
+    `shard` ("train" or "eval") takes this process's share in a data-parallel run: training pads the order to
+    the same length on every rank (DistributedSampler), evaluation splits it without repeats."""
     order = epoch_order(len(split), seed, epoch, shuffle)
+    if shard:  # a data-parallel run: this process's share of the epoch
+        from modrun.distributed import rank, shard_order, world_size
+
+        order = shard_order(len(split), seed, epoch, shuffle) if shard == "train" else order[rank() :: world_size()]
     chunks = list(order.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()

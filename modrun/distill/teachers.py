@@ -112,6 +112,12 @@ def train_or_reuse(cfg: DictConfig, model: dict, seed: int, name: str, role: str
     return run
 
 
+def ensure_teacher_run(cfg: DictConfig) -> Path:
+    """The run folder of the teacher trained on the fly (trained now, or found and reused)."""
+    node = teacher_model_node(cfg)
+    return train_or_reuse(cfg, node, int(cfg.teacher.seed), f"teacher_{node['name']}_{cfg.data.name}", "teacher")
+
+
 def teacher_model_node(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
 
@@ -141,8 +147,7 @@ def load_teachers(cfg: DictConfig, data: Data, device: torch.device) -> tuple[li
             }
         )
     else:
-        node = teacher_model_node(cfg)
-        run = train_or_reuse(cfg, node, int(t.seed), f"teacher_{node['name']}_{cfg.data.name}", "teacher")
+        run = ensure_teacher_run(cfg)
         model, record = model_from_run(run, data, device, "teacher.run")
         teachers.append(model)
         records.append({**record, "source": "trained", "weights_sha256": _sha256(run_weights(run))})

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from modrun import cost
+from modrun import cost, distributed
 from modrun.data import RUNNER_KEYS
 from modrun.data.base import Data
 from modrun.errors import UserError
@@ -92,15 +92,21 @@ def cost_report(model: nn.Module, data: Data, device: torch.device) -> dict[str,
 def save_weights(run_dir: Path, model: nn.Module) -> None:
     from safetensors.torch import save
 
+    if not distributed.is_main():  # data-parallel: every process holds the same weights; rank 0 writes
+        return
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(run_dir / "model.safetensors", save(tensors))
 
 
-def write_record(run_dir: Path, cfg: DictConfig, command: str, overrides: list[str]) -> None:
-    """The files that let anyone see and re-run what was asked: config, overrides, command line, env, git."""
+def write_record(
+    run_dir: Path, cfg: DictConfig, command: str, overrides: list[str], argv: list[str] | None = None
+) -> None:
+    """The files that let anyone see and re-run what was asked: config, overrides, command line, env, git.
+
+    `argv` is the command line that re-runs this one job (a sweep's job: `modrun distill <its overrides>`)."""
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write(run_dir / "overrides.txt", "".join(o + "\n" for o in overrides))
-    atomic_write(run_dir / "command.txt", shlex.join(["modrun", *sys.argv[1:]]) + "\n")
+    atomic_write(run_dir / "command.txt", shlex.join(["modrun", *(argv if argv is not None else sys.argv[1:])]) + "\n")
     record_environment(run_dir)
     set_status(run_dir, "created", command=command)
 
@@ -120,7 +126,10 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
         log.info(f"{'resuming' if resume else 'starting'} {command} run in {run_dir}")
         try:
             import_user_modules(list(cfg.get("imports") or []))
-            summary = pipeline(cfg, run_dir, resume)
+            if distributed.processes(cfg) > 1 and not distributed.in_worker():
+                summary = distributed.launch(command, cfg, run_dir, resume)  # workers run the pipeline
+            else:
+                summary = pipeline(cfg, run_dir, resume)
         except UserError:
             # bad input found late (e.g. a file vanished): leave no half-made folder if nothing was trained
             if not (run_dir / "checkpoints" / "last.pt").exists() and not resume:

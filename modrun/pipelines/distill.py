@@ -13,6 +13,7 @@ from modrun.data.base import Preprocess
 from modrun.distill.m2m import run_phase1
 from modrun.distill.objective import DistillObjective
 from modrun.distill.teachers import load_teachers
+from modrun.distributed import is_main
 from modrun.errors import UserError
 from modrun.loop import evaluate, fit
 from modrun.pipelines.common import build_data, build_model, cost_report, resolve_device, save_weights
@@ -40,7 +41,8 @@ def distill(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     data = build_data(cfg).to(device)
     teachers, records = load_teachers(cfg, data, device)
-    write_json(run_dir / "teacher.json", records)
+    if is_main():
+        write_json(run_dir / "teacher.json", records)
     # seed again: the student must start the same whether its teacher was just trained here or reused
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     student = build_model(cfg.model, data).to(device)

@@ -1,0 +1,171 @@
+"""`modrun soup` through the real CLI: uniform and greedy soups, sweeps, sparse soups, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, cli, only_run, read_json
+from safetensors.torch import load_file
+
+# fine-tuning (a prune run that removes nothing, recover=finetune) from one source: ingredients that share
+# their start, as in the paper, so that their average is a meaningful model
+TUNE = ["trainer.epochs=1", "model.width=16", "optim.lr=0.1", "trainer.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Runs shared by the tests (made once, in a folder of their own): dense fine-tunes d0-d2, sparse
+    fine-tunes s0/s1 of one magnitude mask, r0 with a random mask, c0 channel-pruned, and w8, a narrower model."""
+    root = tmp_path_factory.mktemp("farm")
+    out = f"runs_dir={root}"
+    assert cli("train", *FAST, out).code == 0
+    source = f"source.run={only_run('train', root)}"
+    jobs = {f"d{s}": ["prune.sparsity=0", f"seed={s}"] for s in range(3)}
+    jobs |= {f"s{s}": ["prune.sparsity=0.7", f"seed={s}"] for s in range(2)}
+    jobs["r0"] = ["prune=random", "prune.sparsity=0.7"]
+    jobs["c0"] = ["prune=channel", "prune.ratio=0.5", "recover=none"]
+    for name, overrides in jobs.items():
+        assert cli("prune", *TUNE, out, source, f"name={name}", *overrides).code == 0
+    assert cli("train", *FAST, out, "model.width=8", "name=w8").code == 0
+    runs = {p.name.rsplit("_", 1)[-1]: p for kind in ("train", "prune") for p in (root / kind).iterdir()}
+    return {name: runs[name] for name in [*jobs, "w8"]}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+def _assert_mean(soup: Path, ingredients: list[Path]) -> None:
+    states = [_weights(r) for r in ingredients]
+    for key, value in _weights(soup).items():
+        if value.is_floating_point():  # BatchNorm running statistics are averaged too
+            assert torch.equal(value, torch.stack([s[key] for s in states]).mean(dim=0)), key
+        else:  # num_batches_tracked: the first ingredient's
+            assert torch.equal(value, states[0][key]), key
+
+
+def test_uniform_soup_is_the_mean_and_a_run_folder(farm):
+    dense = [farm["d0"], farm["d1"], farm["d2"]]
+    r = cli("soup", *map(str, dense))
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    _assert_mean(soup, dense)
+    for name in ("config.yaml", "env.json", "log.txt", "ingredients.json", "summary.json"):
+        assert (soup / name).is_file(), name
+    status, summary = read_json(soup / "status.json"), read_json(soup / "summary.json")
+    assert status["state"] == "completed" and status["command"] == "soup"
+    rows = json.loads((soup / "ingredients.json").read_text())
+    assert [row["run"] for row in rows] == list(map(str, dense)) and all(row["kept"] for row in rows)
+    assert rows[0]["val/top1"] == read_json(dense[0] / "summary.json")["final"]["val/top1"]
+    assert summary["kept"] == 3 and summary["params"] == read_json(dense[0] / "summary.json")["params"]
+    assert summary["best_ingredient"]["val/top1"] == max(row["val/top1"] for row in rows)
+    assert "uniform soup" in r.out and "soup" in r.out
+    r = cli("eval", str(soup))  # the soup's folder rebuilds its model like any run folder
+    assert r.code == 0 and f"{summary['final']['test/top1']:.2f}" in r.out, r.text
+    assert cli("eval", str(soup), "data=digits", "data.eval_batch_size=7").code == 0
+    r = cli("runs", "list", "runs")
+    assert r.code == 0 and str(soup) in r.out and "soup" in r.out
+
+
+def test_greedy_soup_starts_from_the_best_and_keeps_what_does_not_hurt(farm):
+    dense = [farm["d2"], farm["d0"], farm["d1"]]
+    r = cli("soup", *map(str, dense), "soup=greedy", "name=greedy")
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    assert soup.name.endswith("_greedy")
+    rows = sorted(json.loads((soup / "ingredients.json").read_text()), key=lambda row: row["rank"])
+    assert rows[0]["kept"] and rows[0]["val/top1"] == max(row["val/top1"] for row in rows)
+    best = rows[0]["soup_val"]
+    for row in rows[1:]:  # kept exactly when adding it did not lower the soup's val accuracy
+        assert row["kept"] == (row["soup_val"] >= best)
+        best = max(best, row["soup_val"]) if row["kept"] else best
+    _assert_mean(soup, [Path(row["run"]) for row in rows if row["kept"]])
+    assert read_json(soup / "summary.json")["kept"] == sum(row["kept"] for row in rows)
+
+
+def test_sweep_folder_soups_its_completed_jobs(farm):
+    sweep = Path("runs/sweeps/2026-01-01_00-00-00_tune")
+    sweep.mkdir(parents=True)
+    shutil.copytree(farm["d0"], sweep / "0")  # a job folder inside the sweep, given relative to it
+    (sweep / "0" / "summary.json").unlink()  # no recorded scores: the soup evaluates the ingredient itself
+    failed = sweep / "2"
+    shutil.copytree(farm["d2"], failed)
+    status = read_json(failed / "status.json")
+    (failed / "status.json").write_text(json.dumps({**status, "state": "failed"}))  # its own status wins
+    jobs = [
+        {"run_dir": "0", "state": "completed"},
+        {"run_dir": str(farm["d1"].resolve()), "state": "completed"},
+        {"run_dir": "2", "state": "completed"},
+        {"run_dir": "3", "state": "failed"},
+    ]
+    (sweep / "sweep.json").write_text(json.dumps({"jobs": jobs}))
+    r = cli("soup", str(sweep))
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    rows = json.loads((soup / "ingredients.json").read_text())
+    assert [row["run"] for row in rows] == [str(sweep / "0"), str(farm["d1"].resolve())]
+    assert rows[0]["val/top1"] == read_json(farm["d0"] / "summary.json")["final"]["val/top1"]
+    assert "skipping" in (soup / "log.txt").read_text()
+    _assert_mean(soup, [farm["d0"], farm["d1"]])
+
+
+def test_sparse_soup_keeps_the_shared_mask(farm):
+    r = cli("soup", str(farm["s0"]), str(farm["s1"]))
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    _assert_mean(soup, [farm["s0"], farm["s1"]])
+    weights, first = _weights(soup), _weights(farm["s0"])
+    layers = [k for k in weights if k.endswith("weight") and weights[k].dim() >= 2]
+    for k in layers:
+        assert torch.equal(weights[k] == 0, first[k] == 0), k
+    sparsity = read_json(soup / "summary.json")["sparsity"]
+    assert sparsity["layers"] == len(layers) and sparsity["soup"] == sparsity["ingredients"] == pytest.approx(0.7, 0.02)
+    assert "shared mask kept" in r.err
+
+
+def test_channel_pruned_soup_rebuilds_its_smaller_model(farm):
+    shutil.copytree(farm["c0"], "c1")  # recover=none: a second pruning of the source would be the same
+    r = cli("soup", str(farm["c0"]), "c1")
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    assert (soup / "model_shapes.json").read_text() == (farm["c0"] / "model_shapes.json").read_text()
+    _assert_mean(soup, [farm["c0"], Path("c1")])
+    r = cli("eval", str(soup))
+    assert r.code == 0 and f"{read_json(soup / 'summary.json')['final']['test/top1']:.2f}" in r.out, r.text
+
+
+def test_incompatible_runs_are_bad_input(farm):
+    cases = {
+        (farm["d0"], farm["w8"]): f"{farm['w8']}: model.width=8 but {farm['d0']} has 16",
+        (farm["s0"], farm["r0"]): "have different sparsity masks in layer",
+        (farm["d0"], farm["s0"]): "sparse soups need a shared mask",
+        (farm["d0"], farm["c0"]): "model_shapes.json (pruned layer sizes) differs",
+    }
+    for runs, message in cases.items():
+        r = cli("soup", *map(str, runs))
+        assert r.code == 2 and message in r.err, (runs, r.err)
+        assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.text
+    assert not Path("runs/soup").exists() or not any(Path("runs/soup").iterdir())
+
+
+def test_bad_arguments(farm):
+    d0, d1 = str(farm["d0"]), str(farm["d1"])
+    Path("empty").mkdir()
+    cases = {
+        (d0, d1, "soup=gredy"): "soup=gredy: expected one of uniform, greedy — did you mean greedy?",
+        (d0, d1, "soupp=greedy"): "unknown key soupp — did you mean soup?",
+        (d0, d1, "soup.x=1"): "unknown key soup.x — did you mean soup?",
+        (d0, d1, "objective=test/top1"): "did you mean val/top1?",
+        (d0, d1, "seed=abc"): "seed=abc: expects an integer",
+        (d0, "nowhere"): "'nowhere' is not a folder",
+        (d0, "empty"): "'empty' is neither a run folder",
+        (d0,): "a soup needs at least 2 completed runs, found 1",
+        ("soup=greedy",): "no runs given",
+    }
+    for args, message in cases.items():
+        r = cli("soup", *args)
+        assert r.code == 2 and message in r.err, (args, r.err)
+        assert "Traceback" not in r.text
+    assert not Path("runs").exists()

@@ -4,7 +4,7 @@ The task: resnet56 teaches resnet20 (modrun's own model definitions, used by bot
 loss = cross-entropy + 1.0 * KD (temperature 4), SGD lr 0.05 momentum 0.9 Nesterov wd 5e-4, cosine decay per
 step, batch 128, synthetic 32x32 3-channel images with 10 classes (modrun.data.builtin.synthetic), same
 epochs. torchdistill drives its own DistillationBox (its DataLoader, WeightedSumLoss + KDLoss, its optimiser
-and scheduler set up from a config dict); modrun runs modrun.loop.fit with DistillObjective (cache off), as
+and scheduler set up from a config dict); modrun runs modrun.loop.fit with DistillObjective, cache off and on, as
 benchmarks/distill_speed.py does. Both teachers are in eval mode (torchdistill leaves that to its caller).
 Only the training loops are timed (model and box construction excluded); the two sides alternate over
 --repeats and the best time of each is kept. The target is modrun >= 1.3x torchdistill's samples/s.
@@ -17,7 +17,7 @@ from the repository root:
     printf 'torch==2.14.1\ntorchvision==0.29.1\n' > /tmp/td2_constraints.txt
     /tmp/td2/bin/pip install -c /tmp/td2_constraints.txt hydra-core omegaconf typer rich scikit-learn safetensors pillow
     /tmp/td2/bin/pip install --no-deps -e .
-    /tmp/td2/bin/python benchmarks/torchdistill_compare.py [--epochs 2] [--size 1024] [--repeats 3] [--device cpu]
+    /tmp/td2/bin/python benchmarks/torchdistill_compare.py [--epochs 4] [--size 1024] [--repeats 3] [--device cpu]
 
 Prints one JSON object.
 """
@@ -73,7 +73,7 @@ def steps(args: argparse.Namespace, data: Data) -> int:
 # ---------------------------------------------------------------------------------------------------- modrun
 
 
-def modrun_config(args: argparse.Namespace) -> OmegaConf:
+def modrun_config(args: argparse.Namespace, cache: bool = False) -> OmegaConf:
     return OmegaConf.create(
         {
             "seed": 0,
@@ -91,7 +91,7 @@ def modrun_config(args: argparse.Namespace) -> OmegaConf:
             },
             "kd": {
                 "task_weight": 1.0,
-                "cache_teacher": False,
+                "cache_teacher": cache,
                 "teacher_mode": "mean",
                 "terms": {"kd": {"name": "kd", "weight": KD_WEIGHT, "temperature": TEMPERATURE}},
             },
@@ -99,10 +99,11 @@ def modrun_config(args: argparse.Namespace) -> OmegaConf:
     )
 
 
-def modrun_run(args: argparse.Namespace, data: Data, device: torch.device) -> float:
-    """Seconds of fit(): training, validation after each epoch, best/last checkpoints, final test evaluation."""
+def modrun_run(args: argparse.Namespace, data: Data, device: torch.device, cache: bool = False) -> float:
+    """Seconds of fit(): training, validation after each epoch, best/last checkpoints, final test evaluation.
+    With `cache`, the teacher's outputs of the first epoch are reused afterwards (kd.cache_teacher=true)."""
     student, teacher = models(args, device)
-    cfg = modrun_config(args)
+    cfg = modrun_config(args, cache)
     with tempfile.TemporaryDirectory() as tmp:
         objective = DistillObjective(student, [teacher], cfg.kd, data, device, Path(tmp))
         t0 = time.perf_counter()
@@ -210,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -230,10 +231,11 @@ def main() -> None:
     samples = args.epochs * len(data.train)
     losses = first_batch_losses(args, data, train_x, device)
     loaders = loader_seconds(args, data, train_x, device)
-    td_times, ours = [], []
+    td_times, ours, cached = [], [], []
     for _ in range(args.repeats):
         td_times.append(torchdistill_run(args, data, train_x, device))
         ours.append(modrun_run(args, data, device))
+        cached.append(modrun_run(args, data, device, cache=True))
     report = {
         "benchmark": "torchdistill_compare",
         "torch": torch.__version__,
@@ -250,7 +252,10 @@ def main() -> None:
         "modrun_seconds": [round(t, 3) for t in ours],
         "torchdistill_samples_per_s": round(samples / min(td_times), 1),
         "modrun_samples_per_s": round(samples / min(ours), 1),
+        "modrun_cache_seconds": [round(t, 3) for t in cached],
+        "modrun_cache_samples_per_s": round(samples / min(cached), 1),
         "ratio": round(min(td_times) / min(ours), 3),
+        "ratio_with_teacher_cache": round(min(td_times) / min(cached), 3),
         "target": 1.3,
         "first_batch_loss": losses,
         "one_epoch_data_only_seconds": loaders,

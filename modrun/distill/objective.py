@@ -121,9 +121,9 @@ class DistillObjective(Objective):
             ) from None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        t_out = self._teacher_outputs(x, idx)  # first: its activations are freed before the student's are made
         logits = self.model(x)
         s_feats = self.s_capture.take()
-        t_out = self._teacher_outputs(x, idx)
         views = t_out if self.each else [self._mean_view(t_out)]
         task = F.cross_entropy(logits, y)
         total, parts = self.task_weight * task, {"task_loss": task.detach()}

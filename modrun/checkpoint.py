@@ -1,17 +1,37 @@
-"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded with weights_only=True."""
+"""Checkpoints: plain dicts of tensors and numbers, written atomically, loaded with weights_only=True.
+
+Each `X.pt` has a sidecar `X.pt.sha256` (the `sha256sum` format) holding the SHA-256 of its bytes, and
+`last.pt` keeps its predecessor as `last.prev.pt`. `save` orders its writes so that at every instant at
+least one (file, checksum) pair on disk matches, whenever a kill lands:
+
+    1. last.prev.pt.sha256 := hash of the current last.pt   (only if last.pt verifies: a bad file is not kept)
+    2. rename last.pt -> last.prev.pt                        (now the pair of step 1)
+    3. last.pt.sha256 := hash of the new bytes                (a checksum without its file is harmless)
+    4. last.pt := the new bytes                               (atomic: temp file + rename)
+
+`load_last` resumes from last.pt, else from last.prev.pt, saying why in one log line.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from modrun.errors import UserError
 from modrun.runs import atomic_write
+
+log = logging.getLogger("modrun")
+LAST = "last.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,14 +68,100 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: Path) -> Path:
+    """last.pt -> last.prev.pt"""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _recorded_digest(path: Path) -> str | None:
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return None
+    return (sidecar.read_text().split() or [""])[0]
+
+
+def _verifies(path: Path) -> bool:
+    """The file exists and matches its recorded checksum."""
+    digest = _recorded_digest(path)
+    return path.is_file() and digest is not None and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None) -> None:
+    """Write `state` atomically with its checksum; `last.pt` (or `keep_previous=True`) keeps its predecessor."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+    data = buffer.getvalue()
+    if (path.name == LAST if keep_previous is None else keep_previous) and _verifies(path):
+        prev = previous_path(path)  # the write order is explained in the module docstring
+        atomic_write(checksum_path(prev), f"{_recorded_digest(path)}  {prev.name}\n")
+        os.replace(path, prev)
+    atomic_write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+    atomic_write(path, data)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load(path: Path, map_location: str | torch.device = "cpu", root: Path | None = None) -> dict[str, Any]:
+    """A checkpoint checked against its checksum (when it has one) and unpickled with weights_only=True.
+
+    Raises UserError naming the file (relative to `root`) when it is missing, corrupt or holds anything other
+    than tensors and plain containers: loading never runs code from a file."""
+    path = Path(path)
+    name = _shown(path, root)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {name}: {e.strerror or e}") from None
+    digest = _recorded_digest(path)
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise UserError(f"{name} is corrupt (checksum mismatch)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: globals, classes, code
+        found = re.search(r"Unsupported (?:global: GLOBAL |operand )?(\S+)", str(e))
+        what = found.group(1) if found else _first_sentence(e)
+        raise UserError(f"{name} is refused: it holds pickled objects other than tensors: {what}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a foreign file: bad input, said in one line
+        raise UserError(f"{name} is corrupt (cannot be read: {_first_sentence(e)})") from None
+
+
+def load_last(ckpt_dir: Path, map_location: str | torch.device = "cpu", root: Path | None = None) -> dict | None:
+    """The newest usable of last.pt and last.prev.pt; None when neither exists (nothing saved yet).
+
+    A corrupt or missing last.pt falls back to last.prev.pt with one log line; both unusable is bad input."""
+    last = Path(ckpt_dir) / LAST
+    prev = previous_path(last)
+    if not last.exists() and not prev.exists():
+        return None
+    problems = []
+    for path in (last, prev):
+        if not path.exists():
+            problems.append(f"{_shown(path, root)} is missing")
+            continue
+        try:
+            ckpt = load(path, map_location, root)
+        except UserError as e:
+            problems.append(e.messages[0])
+            continue
+        if problems:
+            log.warning(f"{problems[0]}; resuming from {_shown(path, root)} (step {ckpt['state']['step']})")
+        return ckpt
+    raise UserError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
+
+
+def _first_sentence(e: Exception) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text.split(". ")[0].rstrip(".")
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    try:
+        return str(path.relative_to(root)) if root is not None else str(path)
+    except ValueError:
+        return str(path)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

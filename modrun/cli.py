@@ -130,6 +130,18 @@ def resume(run_dir: Path = typer.Argument(..., help="A run folder, or a sweep fo
     _guard(go)
 
 
+@app.command()
+def reproduce(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Re-run a run from its own record into a new folder; warn about changes; diff metrics and weights."""
+
+    def go() -> int:
+        from modrun.reproduce import reproduce_run
+
+        return reproduce_run(run_dir)
+
+    _guard(go)
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder."),

@@ -79,7 +79,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
         path = run_dir / "checkpoints" / f"{weights}.pt"
         if not path.exists():
             raise UserError(f"{run_dir} has no checkpoints/{weights}.pt")
-        state = checkpoint.load(path, device)["modules"]["model"]
+        state = checkpoint.load(path, device, run_dir)["modules"]["model"]  # checksum, weights_only
     else:
         raise UserError(f"--weights must be final, best or last, got '{weights}'")
     try:

@@ -122,8 +122,8 @@ def fit(
     state = State()
     if world > 1:  # the same starting weights everywhere, whatever each process built
         ddp.broadcast_state(objective.modules().values(), buffers_only=False)
-    if resume and (ckpt_dir / "last.pt").exists():
-        ckpt = checkpoint.load(ckpt_dir / "last.pt", device)
+    ckpt = checkpoint.load_last(ckpt_dir, device, run_dir) if resume else None  # else last.prev.pt, said in the log
+    if ckpt is not None:
         for name, module in objective.modules().items():
             module.load_state_dict(ckpt["modules"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -250,7 +250,7 @@ def fit(
     best = {"epoch": state.best_epoch, "val/top1": state.best}
     if (ckpt_dir / "best.pt").exists():
         best_model = _copy_with_weights(
-            objective.model, checkpoint.load(ckpt_dir / "best.pt", device)["modules"]["model"]
+            objective.model, checkpoint.load(ckpt_dir / "best.pt", device, run_dir)["modules"]["model"]
         )
         best.update({f"test/{k}": v for k, v in evaluate(best_model, data.test, prep, eval_bs, device).items()})
     return {"final": final, "best": best, "steps": state.step, "epochs": state.epoch}

@@ -25,7 +25,7 @@ from modrun.runs import atomic_write, log_to, read_json, reserve_run_dir, set_st
 
 log = logging.getLogger("modrun")
 DEFAULTS = Path(__file__).parent / "conf" / "soup.yaml"
-SOUPS = ("uniform", "greedy")
+SOUPS = ("uniform", "greedy", "task_arithmetic")
 OBJECTIVES = ("val/top1", "val/top5", "val/loss")
 # data keys that change how a run trained, not what it is evaluated on
 DATA_KEYS_IGNORED = {"batch_size", "eval_batch_size", "num_workers", "augment"}
@@ -36,6 +36,14 @@ def settings(overrides: list[str]) -> DictConfig:
     cfg, known, errors = OmegaConf.load(DEFAULTS), set(OmegaConf.load(DEFAULTS)), []
     for o in overrides:
         key = o.split("=", 1)[0]
+        if key.startswith("layer_scales.") and key.count(".") >= 1:  # a module path: layer_scales.layers.0=0.5
+            value = OmegaConf.from_dotlist([o])
+            scale = OmegaConf.select(value, key)
+            if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+                cfg.layer_scales[key.split(".", 1)[1]] = float(scale)
+            else:
+                errors.append(f"{o}: a layer scale must be a number")
+            continue
         if key not in known:
             errors.append(f"unknown key {key}{suggest_key(key, known)}")
             continue
@@ -234,6 +242,13 @@ def soup_runs(args: list[str]) -> int:
     ings = [load_ingredient(run) for run in runs]
     check_compatible(ings)
     masks = shared_masks(ings)
+    base = None
+    if cfg.soup == "task_arithmetic":  # the base the task vectors start from must fit the runs too
+        from modrun.merge import check_layer_scales, find_base
+
+        base = load_ingredient(find_base(cfg, ings))
+        check_compatible([base, *ings])
+        check_layer_scales(cfg, base["state"])
     src, metric = ings[0]["cfg"], cfg.objective.split("/")[1]
     import_user_modules(list(src.get("imports") or []))
     seed_everything(int(cfg.seed))
@@ -245,7 +260,7 @@ def soup_runs(args: list[str]) -> int:
     write_record(run_dir, record, "soup", overrides)
     if read_shapes(runs[0]):
         atomic_write(run_dir / SHAPES_FILE, (runs[0] / SHAPES_FILE).read_text())
-    t0 = time.time()
+    t0, merged = time.time(), {}
     with log_to(run_dir):
         set_status(run_dir, "running", command="soup")
         log.info(f"{cfg.soup} soup of {len(ings)} runs in {run_dir}")
@@ -259,7 +274,14 @@ def soup_runs(args: list[str]) -> int:
                 if len(own) < 2:
                     own = {k: v for k, v in score(ing["state"]).items() if k.endswith(metric)}
                 rows.append({"run": str(ing["run"]), **own, "kept": True})
-            soup = cook(cfg, rows, [ing["state"] for ing in ings], score)
+            if base is None:
+                soup = cook(cfg, rows, [ing["state"] for ing in ings], score)
+            else:
+                from modrun import merge
+
+                soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score)
+                soup = {k: v * masks[k] if k in masks else v for k, v in soup.items()}  # a shared mask stays
+                merged.update(base=str(base["run"]), scale=scale)
             for key, mask in masks.items():  # averaging keeps zeros; checked, since the mask is the point
                 if bool(soup[key][~mask].any()):
                     raise RuntimeError(f"the soup lost the shared sparsity mask in {key}")
@@ -281,6 +303,7 @@ def soup_runs(args: list[str]) -> int:
             "kept": sum(r["kept"] for r in rows),
             **count_params(model),
             "sparsity": _sparsity(masks, ings[0]["state"], soup),
+            **merged,  # task arithmetic: the base and the scale used
             "best_ingredient": max(rows, key=lambda r: sign * r[cfg.objective]),
             "wall_time_s": round(time.time() - t0, 3),
         }

@@ -154,7 +154,7 @@ def test_bad_arguments(farm):
     d0, d1 = str(farm["d0"]), str(farm["d1"])
     Path("empty").mkdir()
     cases = {
-        (d0, d1, "soup=gredy"): "soup=gredy: expected one of uniform, greedy — did you mean greedy?",
+        (d0, d1, "soup=gredy"): "soup=gredy: expected one of uniform, greedy, task_arithmetic — did you mean greedy?",
         (d0, d1, "soupp=greedy"): "unknown key soupp — did you mean soup?",
         (d0, d1, "soup.x=1"): "unknown key soup.x — did you mean soup?",
         (d0, d1, "objective=test/top1"): "did you mean val/top1?",
@@ -169,3 +169,42 @@ def test_bad_arguments(farm):
         assert r.code == 2 and message in r.err, (args, r.err)
         assert "Traceback" not in r.text
     assert not Path("runs").exists()
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_to_the_common_base(farm):
+    dense = [farm["d0"], farm["d1"]]
+    base_run = Path(_source(dense[0]))
+    r = cli("soup", *map(str, dense), "soup=task_arithmetic", "scale=0.5", "layer_scales.fc=0.25", "name=ta")
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    summary = read_json(soup / "summary.json")
+    assert summary["base"] == str(base_run) and summary["scale"] == 0.5
+    base, states, merged = _weights(base_run), [_weights(d) for d in dense], _weights(soup)
+    for key, b in base.items():
+        if not b.is_floating_point():
+            assert torch.equal(merged[key], b), key
+            continue
+        layer = 0.25 if key.startswith("fc.") else 1.0
+        expected = b + 0.5 * layer * sum(s[key] - b for s in states)
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+    assert cli("eval", str(soup)).code == 0
+
+
+def test_task_arithmetic_chooses_the_scale_on_val_and_checks_its_base(farm):
+    dense = [farm["d0"], farm["d1"], farm["d2"]]
+    r = cli("soup", *map(str, dense), "soup=task_arithmetic", "scale_grid=[0.3,1.0]")
+    assert r.code == 0, r.text
+    summary = read_json(only_run("soup") / "summary.json")
+    assert summary["scale"] in (0.3, 1.0)
+    bad = cli("soup", *map(str, dense), "soup=task_arithmetic", f"base={farm['w8']}")
+    assert bad.code == 2 and "model.width=" in bad.text, bad.text
+    mixed = cli("soup", str(farm["d0"]), str(farm["w8"]), "soup=task_arithmetic")
+    assert mixed.code == 2
+    unknown = cli("soup", *map(str, dense), "soup=task_arithmetic", "layer_scales.nope=0.5")
+    assert unknown.code == 2 and "layer_scales.nope: no weights under that module path" in unknown.text
+
+
+def _source(run: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(run / "config.yaml").source.run)

@@ -30,10 +30,9 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input here
-        raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
+    from modrun import checkpoint
+
+    state = checkpoint.load(path, "cpu")  # its checksum when it has one; weights_only: bad files are UserErrors
     if isinstance(state, dict) and "modules" in state:
         state = state["modules"]["model"]
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -93,6 +92,8 @@ def train_or_reuse(cfg: DictConfig, model: dict, seed: int, name: str, role: str
     wanted = OmegaConf.to_container(tcfg)
     for run in sorted((Path(cfg.runs_dir) / "train").glob("*/config.yaml"), reverse=True):
         if OmegaConf.to_container(OmegaConf.load(run)) != wanted or not (run.parent / "status.json").exists():
+            continue
+        if (run.parent / "reproduces.json").exists():  # a reproduction checks the run it copies; reuse that one
             continue
         status = read_json(run.parent / "status.json")
         if status.get("state") == "completed" and run_weights(run.parent).exists():

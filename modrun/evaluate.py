@@ -44,6 +44,30 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
     return cfg
 
 
+def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[float | None, list[str]]:
+    """`nested.width=0.5` (sorted) or `nested.dim=16` (matryoshka) picks one size of a nested run."""
+    node = cfg.get("nested")
+    want = {"sorted": "nested.width", "matryoshka": "nested.dim"}.get(str(node.name) if node else "none")
+    picked = [o for o in overrides if o.split("=", 1)[0] in ("nested.width", "nested.dim")]
+    if not picked:
+        return None, overrides
+    key, value = picked[-1].split("=", 1)
+    if want is None:
+        raise UserError(f"{key}: this run was not trained with nested=sorted or nested=matryoshka")
+    if key != want:
+        raise UserError(f"{key}: a nested={node.name} run offers sizes by {want}")
+    from modrun.nested import sizes
+
+    offered = sizes(node)
+    try:
+        size = float(value) if key == "nested.width" else int(value)
+    except ValueError:
+        raise UserError(f"{key}={value}: expected a number, one of {offered}") from None
+    if size not in offered:
+        raise UserError(f"{key}={value}: the run trained the sizes {offered}")
+    return size, [o for o in overrides if o not in picked]
+
+
 def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:
     import torch
 
@@ -61,6 +85,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     command = status.get("command", "train")
     # a soup has no Hydra config of its own: group overrides (data=...) compose as for a training run
     command = command if command in ("train", "distill", "prune") else "train"
+    size, overrides = nested_size(cfg, overrides)
     cfg = apply_overrides(cfg, overrides, command, config_dir)
     device = resolve_device(cfg.device)
     data = build_data(cfg).to(device)
@@ -88,12 +113,17 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
         raise UserError(f"weights of {run_dir} do not fit the model: {str(e).splitlines()[1].strip()}") from None
     prep = Preprocess(data, device)
     bs = int(cfg.data.eval_batch_size)
+    if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
+        from modrun.nested import export
+
+        model = export(run_dir, model, cfg.nested, size, data, prep, int(cfg.data.batch_size))
     with torch.no_grad():
         results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights": weights,
         "overrides": overrides,
+        **({"nested": size} if size is not None else {}),
         **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
     }
     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
@@ -102,7 +132,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     for split, r in results.items():
         table.add_row(split, f"{r['loss']:.4f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
     Console().print(table)
-    if (run_dir / "summary.json").exists() and not overrides and weights == "final":
+    if (run_dir / "summary.json").exists() and not overrides and size is None and weights == "final":
         recorded = read_json(run_dir / "summary.json").get("final", {}).get("test/top1")
         if recorded is not None:
             Console().print(f"recorded test/top1 at the end of training: {recorded:.2f}")

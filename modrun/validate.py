@@ -6,15 +6,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from modrun.checks import check_config, dotted_keys, suggest_key, type_problem
+from modrun.checks import (
+    check_config,
+    check_deletions,
+    check_resolvable,
+    dotted_keys,
+    suggest_key,
+    type_problem,
+)
 from modrun.compose import Composer
 from modrun.errors import UserError, did_you_mean
 from modrun.registry import import_user_modules
 
 # checks that only one command needs, run on its composed config ("module:function" -> list of problems)
-COMMAND_CHECKS = {"distill": "modrun.distill.checks:check", "prune": "modrun.prune.checks:check"}
+COMMAND_CHECKS = {
+    "distill": "modrun.distill.checks:check",
+    "prune": "modrun.prune.checks:check",
+    "grow": "modrun.grow.checks:check",
+}
 
 
 def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[DictConfig, list[str]]:
@@ -44,17 +55,33 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[Dict
         errors += problems
         good += [] if problems else [o.input_line]
     # the overrides that passed are composed and checked as a whole, so every problem is reported at once
-    cfg = composer.compose(good)
-    import_user_modules(list(cfg.get("imports") or []))
-    errors += check_config(cfg, composer.compose([line for line in group_lines if not line.startswith("~")]))
+    cfg = base if good == group_lines else composer.compose(good)  # composing costs ~0.1 s: once where it can
+    imports = cfg.get("imports")
+    # a malformed imports (a string, numbers) is not imported but reported by check_config
+    import_user_modules(list(imports) if _module_names(imports) else [])
+    deleted = any(line.startswith("~") for line in group_lines)
+    reference = composer.compose([line for line in group_lines if not line.startswith("~")]) if deleted else base
+    errors += check_deletions(cfg, reference) or check_resolvable(cfg) or check_config(cfg, reference)
     if not errors:
         errors += check_processes(composer.command, cfg)
+    if not errors:
+        from modrun.speed import check as check_speed  # imports torch: only once the config is sound
+
+        errors += check_speed(cfg)  # trainer.precision on this device, data loader keys
+    if not errors:
+        from modrun.drybuild import check_build
+
+        errors += check_build(cfg)  # models on the meta device, optimizer and schedule with their arguments
     if not errors and composer.command in COMMAND_CHECKS:
         module, attr = COMMAND_CHECKS[composer.command].split(":")
         errors += getattr(importlib.import_module(module), attr)(cfg)
     if errors:
         raise UserError(*errors)
     return cfg, good
+
+
+def _module_names(imports: Any) -> bool:
+    return isinstance(imports, ListConfig) and all(isinstance(m, str) for m in imports)
 
 
 def check_processes(command: str, cfg: DictConfig) -> list[str]:
@@ -84,7 +111,8 @@ def validate_sweep(composer: Composer, overrides: list[str], limit: int = 200) -
     (for sweepers such as optuna) are tried at both ends."""
     parsed = composer.parse(overrides)
     sweeps = [o for o in parsed if o.is_sweep_override() and not _is_hydra(o)]
-    if not sweeps:
+    # a sweeper such as optuna may take its parameters from hydra.sweeper.params alone
+    if not sweeps and not any(o.key_or_group == "hydra/sweeper" for o in parsed):
         raise UserError("a sweep needs at least one swept key, e.g. seed=0,1,2 or optim.lr=0.1,0.05")
     values = {o.input_line: _representatives(o) for o in sweeps}
 

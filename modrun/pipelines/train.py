@@ -1,14 +1,19 @@
-"""`modrun train`: supervised training of one model."""
+"""`modrun train`: supervised training of one model (or, with `nested=...`, of many nested sizes at once)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from modrun.checkpoint import seed_everything
+from modrun.distributed import is_main
 from modrun.loop import Objective, fit
 from modrun.pipelines.common import build_data, build_model, cost_report, resolve_device, save_weights
+from modrun.runs import write_json
+
+log = logging.getLogger("modrun")
 
 
 def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -16,6 +21,31 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     data = build_data(cfg).to(device)
     model = build_model(cfg.model, data).to(device)
-    result = fit(cfg, run_dir, Objective(model), data, device, resume)
+    node = cfg.get("nested")
+    if node is None or node.name == "none":
+        result = fit(cfg, run_dir, Objective(model), data, device, resume)
+        save_weights(run_dir, model)
+        return {**result, **cost_report(model, data, device)}
+
+    from modrun import nested
+
+    nested.check(cfg, model)
+    result = fit(cfg, run_dir, nested.NestedObjective(model, node, int(cfg.seed)), data, device, resume)
+    if node.name == "sorted":  # every width updated the shared BatchNorm statistics: the full model's own ones
+        from modrun.data.base import Preprocess
+        from modrun.loop import evaluate
+
+        prep = Preprocess(data, device)
+        nested.recalibrate(model, nested.calibration_batches(data, prep, int(cfg.data.batch_size)))
+        for split in ("val", "test"):  # the final metrics are those of the weights saved
+            scores = evaluate(model, getattr(data, split), prep, int(cfg.data.eval_batch_size), device)
+            result["final"].update({f"{split}/{k}": v for k, v in scores.items()})
     save_weights(run_dir, model)
-    return {**result, **cost_report(model, data, device)}
+    rows = nested.report(cfg, model, data, device)
+    if is_main():
+        write_json(run_dir / "nested.json", rows)
+        nested.plot(rows, run_dir / "nested.png")
+    key = "width" if node.name == "sorted" else "dim"
+    for r in rows:
+        log.info(f"{key} {r[key]:g}: test/top1 {r['test/top1']:.2f}  params {r['params']:,}  MACs {r['macs']:,}")
+    return {**result, **cost_report(model, data, device), "nested": rows}

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset, RandomSampler
 
 from modrun.data.base import Data, Preprocess, batches
@@ -40,6 +40,9 @@ from modrun.data.builtin import synthetic
 from modrun.distill.objective import DistillObjective
 from modrun.loop import fit
 from modrun.registry import MODELS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill_speed import config as modrun_config  # noqa: E402  (the same modrun side as distill_speed.py)
 
 TEMPERATURE = 4.0
 KD_WEIGHT = 1.0
@@ -71,32 +74,6 @@ def steps(args: argparse.Namespace, data: Data) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- modrun
-
-
-def modrun_config(args: argparse.Namespace, cache: bool = False) -> OmegaConf:
-    return OmegaConf.create(
-        {
-            "seed": 0,
-            "data": {"batch_size": args.batch_size, "eval_batch_size": 512, "num_workers": 0, "augment": None},
-            "optim": {"name": "sgd", **SGD},
-            "sched": {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0},
-            "trainer": {
-                "epochs": args.epochs,
-                "drop_last": False,
-                "grad_clip": None,
-                "log_every_steps": 10,
-                "checkpoint_every_steps": 0,
-                "deterministic": False,
-                "progress": False,
-            },
-            "kd": {
-                "task_weight": 1.0,
-                "cache_teacher": cache,
-                "teacher_mode": "mean",
-                "terms": {"kd": {"name": "kd", "weight": KD_WEIGHT, "temperature": TEMPERATURE}},
-            },
-        }
-    )
 
 
 def modrun_run(args: argparse.Namespace, data: Data, device: torch.device, cache: bool = False) -> float:
@@ -187,7 +164,7 @@ def first_batch_losses(args: argparse.Namespace, data: Data, train_x: torch.Tens
     td = box.forward_process(x, y, {}).item()
     student, teacher = models(args, device)
     with tempfile.TemporaryDirectory() as tmp:
-        objective = DistillObjective(student, [teacher], modrun_config(args).kd, data, device, Path(tmp))
+        objective = DistillObjective(student, [teacher], modrun_config(args, cache=False).kd, data, device, Path(tmp))
         student.train()
         ours = objective.loss(x, y, torch.arange(n, device=device))[0].item()
     return {"torchdistill": round(td, 6), "modrun": round(ours, 6)}

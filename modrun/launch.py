@@ -10,10 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from modrun.compose import Composer, hydra_free_copy
 from modrun.errors import UserError
-from modrun.runs import reserve_run_dir
+from modrun.runs import discard_run_dir, reserve_run_dir
 from modrun.validate import compose_and_validate
 
-COMMANDS = ("train", "distill", "prune")
+COMMANDS = ("train", "distill", "prune", "grow")
 
 
 def composer_for(command: str, config_dir: Path | None) -> Composer:
@@ -45,14 +45,23 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
 
     with composer_for(command, config_dir) as composer:
         cfg, hydra_overrides = compose_and_validate(composer, overrides)
-        run_dir = reserve_run_dir(Path(cfg.runs_dir), command, str(cfg.name))
+        try:
+            run_dir = reserve_run_dir(Path(cfg.runs_dir), command, str(cfg.name))
+        except OSError as e:
+            raise UserError(f"runs_dir={cfg.runs_dir}: cannot create a run folder there ({e.strerror or e})") from None
 
         def task(job_cfg: DictConfig) -> int:
             plain = hydra_free_copy(job_cfg)  # ${hydra:...} resolves only while Hydra runs the job
             write_record(run_dir, plain, command, overrides)
             return execute(command, plain, run_dir)
 
-        return composer.run(hydra_overrides, run_dir, task)
+        try:
+            return composer.run(hydra_overrides, run_dir, task)
+        except OSError as e:
+            # the pipeline's own errors end inside execute(); one that gets here came while the record was
+            # written (Hydra's .hydra/, config.yaml, status.json: a full disk), before any work
+            discard_run_dir(run_dir)
+            raise UserError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
 
 
 def resume_run(run_dir: Path) -> int:

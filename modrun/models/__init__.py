@@ -8,6 +8,9 @@ from modrun.registry import MODELS
 
 MODELS.lazy("mlp", "modrun.models.mlp:mlp", "multilayer perceptron on flattened images (hidden sizes as a list)")
 MODELS.lazy("cnn_small", "modrun.models.cnn:cnn_small", "3-conv CNN with BN for small images such as 8x8 digits")
+MODELS.lazy(
+    "resnet", "modrun.models.resnet:resnet", "CIFAR-style ResNet of any depth 6n+2 (model.depth), width multiplier"
+)
 for _depth in (20, 32, 56, 110):
     MODELS.lazy(
         f"resnet{_depth}",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modrun.errors import UserError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -56,6 +58,13 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def resnet(in_channels: int, num_classes: int, depth: int = 20, width: float = 1.0) -> nn.Module:
+    """Any depth 6n+2 (n blocks per stage): e.g. the resnet38 that `modrun grow grow=stack` makes of a resnet20."""
+    if depth < 8 or (depth - 2) % 6 != 0:  # bad input, not a crash: found when the model is built
+        raise UserError(f"model.depth={depth}: a CIFAR ResNet has depth 6n+2 with n >= 1 (8, 14, 20, 26, 32, 38, ...)")
+    return CifarResNet(depth, in_channels, num_classes, width)
 
 
 def resnet20(in_channels: int, num_classes: int, width: float = 1.0) -> nn.Module:

@@ -4,4 +4,5 @@ PIPELINES = {
     "train": "modrun.pipelines.train:train",
     "distill": "modrun.pipelines.distill:distill",
     "prune": "modrun.pipelines.prune:prune",
+    "grow": "modrun.pipelines.grow:grow",
 }

@@ -1,13 +1,16 @@
 """Checkpoints: plain dicts of tensors and numbers, written atomically, loaded with weights_only=True.
 
 Each `X.pt` has a sidecar `X.pt.sha256` (the `sha256sum` format) holding the SHA-256 of its bytes, and
-`last.pt` keeps its predecessor as `last.prev.pt`. `save` orders its writes so that at every instant at
-least one (file, checksum) pair on disk matches, whenever a kill lands:
+`last.pt` keeps its predecessor as `last.prev.pt`. `save` orders its writes so that whenever a kill lands,
+last.pt exists complete and at least one checkpoint on disk matches a recorded checksum:
 
-    1. last.prev.pt.sha256 := hash of the current last.pt   (only if last.pt verifies: a bad file is not kept)
-    2. rename last.pt -> last.prev.pt                        (now the pair of step 1)
-    3. last.pt.sha256 := hash of the new bytes                (a checksum without its file is harmless)
+    1. last.prev.pt.sha256 := hash of the current last.pt   (only if it verifies: a bad file is not kept)
+    2. last.prev.pt := the current last.pt                   (hard link or copy, then rename: atomic)
+    3. last.pt.sha256 := hash of the new bytes                (a checksum ahead of its file is harmless)
     4. last.pt := the new bytes                               (atomic: temp file + rename)
+
+A file verifies when its hash is recorded in its own sidecar or in its predecessor's: between steps 3 and 4
+last.pt still holds the checkpoint that step 2 kept, a complete one.
 
 `load_last` resumes from last.pt, else from last.prev.pt, saying why in one log line.
 """
@@ -77,17 +80,22 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _recorded_digest(path: Path) -> str | None:
-    sidecar = checksum_path(path)
-    if not sidecar.is_file():
-        return None
-    return (sidecar.read_text().split() or [""])[0]
+def _recorded(path: Path) -> set[str]:
+    """Checksums that vouch for `path`: its sidecar's and its predecessor's (see the module docstring)."""
+    sidecars = (checksum_path(path), checksum_path(previous_path(path)))
+    return {(s.read_text().split() or [""])[0] for s in sidecars if s.is_file()}
 
 
-def _verifies(path: Path) -> bool:
-    """The file exists and matches its recorded checksum."""
-    digest = _recorded_digest(path)
-    return path.is_file() and digest is not None and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+def _link_or_copy(src: Path, dst: Path, data: bytes) -> None:
+    """dst := src's bytes atomically, src untouched: a hard link costs no copy; a copy where links fail."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_write(dst, data)
+        return
+    os.replace(tmp, dst)
 
 
 def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None) -> None:
@@ -96,12 +104,18 @@ def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None) -
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    if (path.name == LAST if keep_previous is None else keep_previous) and _verifies(path):
-        prev = previous_path(path)  # the write order is explained in the module docstring
-        atomic_write(checksum_path(prev), f"{_recorded_digest(path)}  {prev.name}\n")
-        os.replace(path, prev)
-    atomic_write(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
-    atomic_write(path, data)
+    if (path.name == LAST if keep_previous is None else keep_previous) and path.is_file():
+        current = path.read_bytes()
+        digest = hashlib.sha256(current).hexdigest()
+        if digest in _recorded(path):  # the write order is explained in the module docstring
+            prev = previous_path(path)
+            atomic_write(checksum_path(prev), f"{digest}  {prev.name}\n")
+            _link_or_copy(path, prev, current)
+    writes = [(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"), (path, data)]
+    if path.is_file() and not checksum_path(path).is_file():
+        writes.reverse()  # a checkpoint from before checksums: a checksum ahead of it would make it look corrupt
+    for target, content in writes:
+        atomic_write(target, content)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu", root: Path | None = None) -> dict[str, Any]:
@@ -115,8 +129,8 @@ def load(path: Path, map_location: str | torch.device = "cpu", root: Path | None
         data = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {name}: {e.strerror or e}") from None
-    digest = _recorded_digest(path)
-    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+    recorded = _recorded(path)
+    if recorded and hashlib.sha256(data).hexdigest() not in recorded:  # no checksum at all: an older checkpoint
         raise UserError(f"{name} is corrupt (checksum mismatch)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

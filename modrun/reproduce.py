@@ -33,24 +33,30 @@ def reproduce_run(run_dir: Path) -> int:
     cfg, status = load_run_config(run_dir)
     command, state = status.get("command"), status.get("state")
     if command not in COMMANDS:
-        raise UserError(f"{run_dir}: only train, distill and prune runs can be reproduced (it is {command!r})")
-    notes = [] if state == "completed" else [f"{run_dir} is {state}, not completed: nothing to compare against"]
+        raise UserError(f"{run_dir}: only {', '.join(COMMANDS)} runs can be reproduced (it is {command!r})")
+    notes = [] if state == "completed" else [f"{run_dir} is {state}, not completed; reproducing it anyway"]
     notes += environment_differences(run_dir)
-    _warn_all(notes)
+    _warn(*notes)
     overrides = (run_dir / "overrides.txt").read_text().splitlines() if (run_dir / "overrides.txt").is_file() else []
     # beside the original (runs_dir/<command>/); a sweep's job goes under its config's runs_dir/<command>/
     root = run_dir.parent.parent if run_dir.parent.name == command else Path(cfg.runs_dir)
     new = reserve_run_dir(root, command, f"{cfg.name}_repro")
     record: dict[str, Any] = {"original": str(run_dir.resolve()), "original_state": state, "command": command}
-    record["overrides"] = overrides
+    record["overrides"] = overrides  # as typed; config.yaml is what runs
     code = _run(command, cfg, overrides, run_dir, new, notes, record)
     record.update(differences=notes, exit_code=code)
     if code != 0:
         write_json(new / "reproduces.json", record)
         _warn(f"the reproduction in {new} did not complete (exit code {code}); see its log.txt")
         return code
+    if not (run_dir / "summary.json").is_file():  # an interrupted or failed original: nothing to set it against
+        write_json(new / "reproduces.json", {**record, "comparison": None})
+        print(f"reproduced into {new}; the original has no summary.json ({state}), so there is nothing to compare")
+        return 0
     record["comparison"] = compare(run_dir, new)
     write_json(new / "reproduces.json", record)
+    if not notes:
+        print("environment, git state and config tree: as recorded")
     print_comparison(record["comparison"], run_dir, new)
     return 0
 
@@ -71,7 +77,7 @@ def _run(
     def task(job_cfg: DictConfig | None) -> int:
         if job_cfg is not None:
             changed = config_differences(cfg, hydra_free_copy(job_cfg))
-            _warn_all(changed)
+            _warn(*changed)
             notes.extend(changed)
         write_json(new / "reproduces.json", {**record, "differences": notes})  # a pointer even if killed
         write_record(new, cfg, command, overrides, argv=["reproduce", str(original)])
@@ -125,18 +131,15 @@ def environment_differences(run_dir: Path) -> list[str]:
         if was.get("commit") != now["commit"]:
             notes.append(f"git: commit {str(was.get('commit'))[:12]} recorded, {now['commit'][:12]} now")
         if was.get("dirty") != now["dirty"]:
-            notes.append(f"git: working tree {_dirty(was.get('dirty'))} recorded, {_dirty(now['dirty'])} now")
+            state = {True: "dirty", False: "clean"}
+            notes.append(f"git: working tree {state[bool(was.get('dirty'))]} recorded, {state[now['dirty']]} now")
         recorded = (run_dir / "git.diff").read_text() if (run_dir / "git.diff").is_file() else ""
         if recorded != diff:
             notes.append("git: the uncommitted changes (git diff HEAD) differ from the recorded git.diff")
     return notes
 
 
-def _dirty(flag: Any) -> str:
-    return "dirty" if flag else "clean"
-
-
-def config_differences(recorded: DictConfig, composed: DictConfig, prefix: str = "") -> list[str]:
+def config_differences(recorded: DictConfig, composed: DictConfig) -> list[str]:
     """Keys where today's config tree composes something other than the recorded config.yaml."""
     a, b = OmegaConf.to_container(recorded, resolve=True), OmegaConf.to_container(composed, resolve=True)
     out: list[str] = []
@@ -148,7 +151,7 @@ def config_differences(recorded: DictConfig, composed: DictConfig, prefix: str =
         elif x != y:
             out.append(f"config: {key} composes to {y} now, {x} recorded; running the recorded value")
 
-    walk(a, b, prefix)
+    walk(a, b, "")
     return out
 
 
@@ -174,7 +177,7 @@ def compare(original: Path, new: Path) -> dict[str, Any]:
     weights = {
         "original_sha256": sha[0],
         "reproduction_sha256": sha[1],
-        "identical": sha[0] is not None and len(set(sha)) == 1,
+        "identical": None not in sha and len(set(sha)) == 1,
     }
     result: dict[str, Any] = {"metrics": rows, "weights": weights}
     if (original / "teacher.json").is_file() and (new / "teacher.json").is_file():
@@ -218,10 +221,6 @@ def _verdict(same: bool) -> str:
     return "identical" if same else "differs"
 
 
-def _warn(message: str) -> None:
-    print(f"modrun: warning: {message}", file=sys.stderr)
-
-
-def _warn_all(messages: list[str]) -> None:
+def _warn(*messages: str) -> None:
     for m in messages:
-        _warn(m)
+        print(f"modrun: warning: {m}", file=sys.stderr)

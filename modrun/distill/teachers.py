@@ -29,7 +29,10 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a file that is not safetensors
+            raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
     from modrun import checkpoint
 
     state = checkpoint.load(path, "cpu")  # its checksum when it has one; weights_only: bad files are UserErrors
@@ -38,6 +41,37 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a weights file; a .safetensors file is read by its header alone."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - not a safetensors file
+            raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
+    state = load_state(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"'{path}' holds no state dict (a mapping of names to tensors)")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def fit_problem(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why weights of these shapes do not load into `model` (strictly, like load_state_dict), or None."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in want if k in shapes and shapes[k] != want[k]]
+    parts = [
+        f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    return "; ".join(parts) or None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -59,8 +93,10 @@ def model_from_run(run: str | Path, data: Data, device: torch.device, key: str) 
 
     run = Path(run)
     cfg, status = load_run_config(run)
-    if status.get("state") != "completed" or not run_weights(run).exists():
+    if status.get("state") != "completed":
         raise UserError(f"{key}={run}: that run is {status.get('state')}, not completed; resume it first")
+    if not run_weights(run).exists():
+        raise UserError(f"{key}={run}: that run has no {run_weights(run).name}")
     model = build_model(cfg.model, data, path=f"{key} model")
     shapes = read_shapes(run)
     if shapes:  # a structurally pruned run: rebuild its smaller layers before loading the weights

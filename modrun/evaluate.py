@@ -71,24 +71,56 @@ def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[float | None, li
 def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:
     import torch
 
-    from modrun import checkpoint
     from modrun.data.base import Preprocess
     from modrun.loop import evaluate
-    from modrun.pipelines.common import build_data, build_model, load_run_config, resolve_device
-    from modrun.prune.shapes import apply_shapes, read_shapes
+    from modrun.pipelines.common import build_data, load_run_config, resolve_device
     from modrun.registry import import_user_modules
-    from modrun.runs import read_json
 
     run_dir = Path(run_dir)
     cfg, status = load_run_config(run_dir)
     import_user_modules(list(cfg.get("imports") or []))
     command = status.get("command", "train")
     # a soup has no Hydra config of its own: group overrides (data=...) compose as for a training run
-    command = command if command in ("train", "distill", "prune") else "train"
+    command = command if command in ("train", "distill", "prune", "stitch") else "train"
     size, overrides = nested_size(cfg, overrides)
+    point = None
+    if command == "stitch":  # stitch.point=k: one stitched model of the run (default: its eval point)
+        from modrun.stitch.load import stitch_point
+
+        point, overrides = stitch_point(run_dir, command, overrides)
     cfg = apply_overrides(cfg, overrides, command, config_dir)
     device = resolve_device(cfg.device)
     data = build_data(cfg).to(device)
+    if command == "stitch":  # the anchors come from their own run folders, the stitches from this one
+        from modrun.stitch.load import stitched_from_run
+
+        model, state = stitched_from_run(run_dir, data, device, weights, point), None
+    else:
+        model, state = _model_and_weights(cfg, run_dir, status, data, device, weights)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"weights of {run_dir} do not fit the model: {str(e).splitlines()[1].strip()}") from None
+    prep = Preprocess(data, device)
+    bs = int(cfg.data.eval_batch_size)
+    if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
+        from modrun.nested import export
+
+        model = export(run_dir, model, cfg.nested, size, data, prep, int(cfg.data.batch_size))
+    with torch.no_grad():
+        results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
+    return _report(run_dir, results, weights, overrides, size, point)
+
+
+def _model_and_weights(
+    cfg: DictConfig, run_dir: Path, status: dict, data: object, device: object, weights: str
+) -> tuple[object, dict]:
+    """The run's model (pruned layers rebuilt) and the state dict to load into it."""
+    from modrun import checkpoint
+    from modrun.pipelines.common import build_model
+    from modrun.prune.shapes import apply_shapes, read_shapes
+
     model = build_model(cfg.model, data)
     shapes = read_shapes(run_dir)
     if shapes:  # structurally pruned: rebuild the smaller layers first
@@ -107,23 +139,21 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
         state = checkpoint.load(path, device, run_dir)["modules"]["model"]  # checksum, weights_only
     else:
         raise UserError(f"--weights must be final, best or last, got '{weights}'")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"weights of {run_dir} do not fit the model: {str(e).splitlines()[1].strip()}") from None
-    prep = Preprocess(data, device)
-    bs = int(cfg.data.eval_batch_size)
-    if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
-        from modrun.nested import export
+    return model, state
 
-        model = export(run_dir, model, cfg.nested, size, data, prep, int(cfg.data.batch_size))
-    with torch.no_grad():
-        results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
+
+def _report(
+    run_dir: Path, results: dict, weights: str, overrides: list[str], size: float | None, point: int | None
+) -> dict:
+    """Append the scores to evals.jsonl and print them (with the recorded final score where comparable)."""
+    from modrun.runs import read_json
+
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights": weights,
         "overrides": overrides,
         **({"nested": size} if size is not None else {}),
+        **({"stitch.point": point} if point is not None else {}),
         **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
     }
     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
@@ -132,7 +162,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     for split, r in results.items():
         table.add_row(split, f"{r['loss']:.4f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
     Console().print(table)
-    if (run_dir / "summary.json").exists() and not overrides and size is None and weights == "final":
+    if (run_dir / "summary.json").exists() and not overrides and size is None and point is None and weights == "final":
         recorded = read_json(run_dir / "summary.json").get("final", {}).get("test/top1")
         if recorded is not None:
             Console().print(f"recorded test/top1 at the end of training: {recorded:.2f}")

@@ -13,7 +13,7 @@ from modrun.errors import UserError
 from modrun.runs import discard_run_dir, reserve_run_dir
 from modrun.validate import compose_and_validate
 
-COMMANDS = ("train", "distill", "prune", "grow")
+COMMANDS = ("train", "distill", "prune", "grow", "stitch")
 
 
 def composer_for(command: str, config_dir: Path | None) -> Composer:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modrun.models.stages import Head
+
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -31,6 +33,12 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+    def stages(self) -> list[nn.Module]:
+        """The forward pass as consecutive stages (their composition is `forward`), for stitching. The max pool
+        joins the conv after it, so every boundary is a conv block's output."""
+        f = self.features
+        return [f[0], f[1], nn.Sequential(f[2], f[3]), Head(self.pool, self.fc, self.dropout)]
 
 
 def cnn_small(in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> nn.Module:

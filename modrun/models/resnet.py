@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from modrun.errors import UserError
+from modrun.models.stages import Head
 
 
 class BasicBlock(nn.Module):
@@ -58,6 +59,10 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+    def stages(self) -> list[nn.Module]:
+        """The forward pass as consecutive stages (their composition is `forward`), for stitching."""
+        return [self.stem, *self.layers, Head(self.pool, self.fc)]
 
 
 def resnet(in_channels: int, num_classes: int, depth: int = 20, width: float = 1.0) -> nn.Module:

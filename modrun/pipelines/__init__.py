@@ -5,4 +5,5 @@ PIPELINES = {
     "distill": "modrun.pipelines.distill:distill",
     "prune": "modrun.pipelines.prune:prune",
     "grow": "modrun.pipelines.grow:grow",
+    "stitch": "modrun.pipelines.stitch:stitch",
 }

@@ -1,0 +1,19 @@
+"""The classifier head as one module, so that a model's forward can be split into stages (`stages()`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Head(nn.Module):
+    """pool -> flatten -> (dropout) -> fc, sharing the model's own modules (built on demand by `stages()`,
+    so the model's state-dict keys stay as they are)."""
+
+    def __init__(self, pool: nn.Module, fc: nn.Module, dropout: nn.Module | None = None) -> None:
+        super().__init__()
+        self.pool, self.fc = pool, fc
+        self.dropout = dropout if dropout is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))

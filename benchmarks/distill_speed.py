@@ -98,7 +98,7 @@ def plain_run(args: argparse.Namespace, data, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
@@ -107,7 +107,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The report as a dict (benchmarks/run_all.py calls this in its own process)."""
     device = torch.device(args.device)
     data = synthetic(size=args.size, val_size=32, test_size=32, image_size=32).to(device)
     samples = args.epochs * len(data.train)
@@ -137,7 +141,11 @@ def main() -> None:
         "cache_speedup": round(min(uncached_epochs) / min(cached_epochs), 3),
         "cache_target": 1.8,
     }
-    print(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    print(json.dumps(run(parser().parse_args()), indent=2))
 
 
 if __name__ == "__main__":

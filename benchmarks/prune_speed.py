@@ -23,13 +23,17 @@ from modrun.prune.structured import channel
 from modrun.registry import MODELS
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The report as a dict (benchmarks/run_all.py calls this in its own process). Latency is on the CPU."""
     torch.manual_seed(0)
     dense = MODELS.get(args.model)(in_channels=3, num_classes=10).eval()
     pruned = copy.deepcopy(dense)
@@ -39,24 +43,24 @@ def main() -> None:
         channel(PruneContext(pruned, targets, 0, example, 10, Path(tmp)), ratio=args.ratio).start(0)
     timed = latencies({"dense": dense, "pruned": pruned}, 3, args.size, torch.device("cpu"), rounds=args.rounds)
     d, p = timed["dense"], timed["pruned"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "prune_speed",
-                "model": args.model,
-                "ratio": args.ratio,
-                "input": [3, args.size, args.size],
-                "threads": torch.get_num_threads(),
-                "params": {"dense": cost.count_params(dense)["params"], "pruned": cost.count_params(pruned)["params"]},
-                "macs": {"dense": cost.count_macs(dense, example), "pruned": cost.count_macs(pruned, example)},
-                "latency_ms": {"dense": d, "pruned": p},
-                "speedup_b1": round(d["latency_ms_cpu_b1"] / p["latency_ms_cpu_b1"], 3),
-                "speedup_b64": round(d["latency_ms_cpu_b64"] / p["latency_ms_cpu_b64"], 3),
-                "target_b64": 2.0,
-            },
-            indent=2,
-        )
-    )
+    return {
+        "benchmark": "prune_speed",
+        "model": args.model,
+        "ratio": args.ratio,
+        "input": [3, args.size, args.size],
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "params": {"dense": cost.count_params(dense)["params"], "pruned": cost.count_params(pruned)["params"]},
+        "macs": {"dense": cost.count_macs(dense, example), "pruned": cost.count_macs(pruned, example)},
+        "latency_ms": {"dense": d, "pruned": p},
+        "speedup_b1": round(d["latency_ms_cpu_b1"] / p["latency_ms_cpu_b1"], 3),
+        "speedup_b64": round(d["latency_ms_cpu_b64"] / p["latency_ms_cpu_b64"], 3),
+        "target_b64": 2.0,
+    }
+
+
+def main() -> None:
+    print(json.dumps(run(parser().parse_args()), indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 from modrun.data import RUNNER_KEYS
 from modrun.distill import TERM_KEYS
@@ -49,7 +50,9 @@ COMPONENTS = [
 ]
 TEACHER = Component("teacher", MODELS, runner_keys={"name", "run", "checkpoint", "seed"})
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
+OPTIONAL_NODES = {"sweep", "logger", "nested"}  # read with .get(): a run goes on without them
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+INT64_MAX = 2**63 - 1
 
 
 def components(cfg: DictConfig) -> list[tuple[str, Component]]:
@@ -75,8 +78,12 @@ def suggest_key(key: str, known: set[str]) -> str:
 
 def type_problem(old: Any, new: Any) -> str | None:
     """Whether `new` may replace `old`: the same kind of value (numbers may widen to float)."""
-    if old is None or new is None or OmegaConf.is_missing(OmegaConf.create({"v": old}), "v"):
+    if old is None or OmegaConf.is_missing(OmegaConf.create({"v": old}), "v"):
         return None
+    if new is None:  # null may replace text or a node (teacher.run=null), not a number or a flag the run reads
+        if isinstance(old, bool):
+            return "expects true or false, got null"
+        return f"expects {'an integer' if isinstance(old, int) else 'a number'}, got null" if _number(old) else None
     if isinstance(old, bool):
         return None if isinstance(new, bool) else f"expects true or false, got {_kind(new)}"
     if isinstance(old, int):
@@ -95,6 +102,10 @@ def type_problem(old: Any, new: Any) -> str | None:
             else f"expects text, got {_kind(new)}"
         )
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _kind(value: Any) -> str:
@@ -125,6 +136,43 @@ def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:
     if imports is not None and (not isinstance(imports, ListConfig) or not all(isinstance(m, str) for m in imports)):
         errors.append(f"imports={imports}: expects a list of module names, e.g. +imports=[my_models]")
     return errors
+
+
+def check_deletions(cfg: DictConfig, reference: DictConfig) -> list[str]:
+    """Keys that `~key` removed although the run reads them: only a component's own arguments (its factory's
+    defaults apply), a KD term, or optional nodes may go."""
+    have, found, errors = set(dotted_keys(cfg)), dict(components(reference)), []
+    for key in dotted_keys(reference):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if key in have or (parent and parent not in have) or key.split(".")[0] in OPTIONAL_NODES:
+            continue  # present, or inside a node whose deletion is reported already
+        if parent == "kd.terms" or _under_free_node(key, reference) or _is_argument(cfg, parent, key, found):
+            continue
+        errors.append(f"~{key}: {key} is needed by the run; set {key}=... instead of deleting it")
+    return errors
+
+
+def _is_argument(cfg: DictConfig, parent: str, key: str, found: dict[str, Component]) -> bool:
+    if parent not in found:
+        return False
+    c, name, leaf = found[parent], OmegaConf.select(cfg, f"{parent}.name"), key.rsplit(".", 1)[-1]
+    if leaf in c.runner_keys:
+        return False
+    if not isinstance(name, str) or name not in c.registry:
+        return True  # an unknown component name is reported by check_config
+    params = inspect.signature(c.registry.get(name)).parameters
+    return leaf in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def check_resolvable(cfg: DictConfig) -> list[str]:
+    """Interpolations that point nowhere (e.g. name=${model.name} after a deletion), as one line each."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationToMissingValueError:
+        return []  # a missing value (???): check_config names it where it lives
+    except OmegaConfBaseException as e:
+        return [f"{getattr(e, 'full_key', None) or 'config'}: cannot be resolved ({str(e).splitlines()[0]})"]
+    return []
 
 
 def _check_component(cfg: DictConfig, path: str, c: Component) -> list[str]:
@@ -179,6 +227,8 @@ def _check_values(cfg: DictConfig) -> list[str]:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"{key}={value}: must be a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            errors.append(f"{key}={value}: too large (must fit in 64 bits)")  # torch and numpy take int64 at most
     if not DEVICE.match(str(cfg.get("device", "auto"))):
         errors.append(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
     checks = [
@@ -186,13 +236,26 @@ def _check_values(cfg: DictConfig) -> list[str]:
         ("data.batch_size", 1),
         ("data.eval_batch_size", 1),
         ("data.num_workers", 0),
+        ("data.channels", 1),
+        ("data.num_classes", 1),
+        ("data.image_size", 1),
         ("trainer.log_every_steps", 1),
         ("trainer.checkpoint_every_steps", 0),
+        ("sched.warmup_epochs", 0),
     ]
     for key, low in checks:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, int) and value < low:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
             errors.append(f"{key}={value}: must be >= {low}")
+    clip = OmegaConf.select(cfg, "trainer.grad_clip")
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip > 0:
+        # a negative max norm would flip the gradients' sign, not clip them
+        errors.append(f"trainer.grad_clip={clip}: must be > 0 (or null for no clipping)")
+    runs_dir = cfg.get("runs_dir")
+    if runs_dir is not None and not str(runs_dir).strip():
+        errors.append("runs_dir: must not be empty (e.g. runs_dir=runs)")
+    elif runs_dir is not None and Path(str(runs_dir)).expanduser().is_file():
+        errors.append(f"runs_dir={runs_dir}: is a file, not a folder")
     lr = OmegaConf.select(cfg, "optim.lr")
     if isinstance(lr, (int, float)) and math.isfinite(lr) and not lr > 0:
         errors.append(f"optim.lr={lr}: must be > 0")

@@ -81,6 +81,8 @@ def _add_run_command(command: str, help_text: str) -> None:
 _add_run_command("train", "Supervised training of one model (config `train`).")
 _add_run_command("distill", "A student learns from frozen teacher(s) through KD terms (config `distill`).")
 _add_run_command("prune", "Prune a model, recover by fine-tuning or distillation, report cost (config `prune`).")
+_add_run_command("grow", "Grow a trained model deeper (grow=stack) or wider (grow=net2wider), then train it.")
+_add_run_command("stitch", "Stitch two trained anchors (small, large) into networks of every size in between.")
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -50,11 +50,14 @@ class Composer:
 
     def groups(self) -> list[str]:
         """Config groups of the tree (model, data, ...), nested ones with slashes; Hydra's own left out."""
-        loader = self.hydra.config_loader
+        from hydra.core.object_type import ObjectType
+
+        # the loader's repository itself: loader.list_groups() deep-copies it on every call (~10 ms each)
+        repository = self.hydra.config_loader.repository
 
         def walk(parent: str) -> list[str]:
             found = []
-            for name in loader.list_groups(parent):
+            for name in repository.get_group_options(parent, ObjectType.GROUP):
                 group = f"{parent}/{name}" if parent else name
                 if group != "hydra":
                     found += [group, *walk(group)]
@@ -63,7 +66,7 @@ class Composer:
         return walk("")
 
     def options(self, group: str) -> list[str]:
-        return self.hydra.config_loader.get_group_options(group)
+        return self.hydra.config_loader.repository.get_group_options(group)  # see groups()
 
     def parse(self, overrides: list[str]) -> list[Override]:
         try:  # with the config loader, a sweep's glob(...) over a group's options can be expanded
@@ -81,6 +84,7 @@ class Composer:
             )
         except (HydraException, ValueError, KeyError) as e:
             raise UserError(_first_line(e)) from None
+        _check_hydra_node(cfg)
         if not with_hydra:
             with open_dict(cfg):
                 del cfg["hydra"]
@@ -89,7 +93,20 @@ class Composer:
     def run(self, overrides: list[str], run_dir: Path, task: Callable[[DictConfig], int]) -> int:
         """Run `task` as one Hydra job whose output folder is `run_dir` (Hydra writes .hydra/ there)."""
         run_override = f"hydra.run.dir={_quote(str(run_dir))}"
-        ret = self.hydra.run(self.command, task, [*overrides, run_override], with_log_configuration=True)
+        raised: list[BaseException] = []
+
+        def guarded(cfg: DictConfig) -> Any:
+            # Hydra would print "Error executing job with overrides: ..." before re-raising a job's exception;
+            # bad input found late must stay one `modrun: error:` line, so the exception goes round Hydra
+            try:
+                return task(cfg)
+            except BaseException as e:
+                raised.append(e)
+                return 1
+
+        ret = self.hydra.run(self.command, guarded, [*overrides, run_override], with_log_configuration=True)
+        if raised:
+            raise raised[0]
         return int(ret.return_value)
 
     def multirun(self, overrides: list[str], sweep_dir: Path, task: Callable[[DictConfig], Any]) -> Any:
@@ -107,6 +124,15 @@ class Composer:
             self.hydra.show_cfg(self.command, overrides, cfg_type=cfg_type, package=package, resolve=resolve)
         except (HydraException, ValueError) as e:
             raise UserError(_first_line(e)) from None
+
+
+def _check_hydra_node(cfg: DictConfig) -> None:
+    """What Hydra itself would do beyond our contract: run code named in a config (callbacks are
+    instantiated from `_target_`), or change the working directory."""
+    if OmegaConf.select(cfg, "hydra.callbacks"):
+        raise UserError("hydra.callbacks: modrun runs no code named in a config (callbacks are _target_ classes)")
+    if OmegaConf.select(cfg, "hydra.job.chdir"):
+        raise UserError("hydra.job.chdir=true: a modrun run never changes directory; it writes into its run folder")
 
 
 def job_dir_name(num: int | str) -> str:

@@ -25,6 +25,7 @@ from modrun.loggers import build_logger
 from modrun.progress import Progress
 from modrun.registry import OPTIMIZERS, SCHEDULERS
 from modrun.runs import MetricsWriter
+from modrun.speed import Speed
 from modrun.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
 
 log = logging.getLogger("modrun")
@@ -70,15 +71,19 @@ class State:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device) -> dict:
+def evaluate(
+    model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device, **loader: int
+) -> dict:
     """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers.
+
+    `loader` (num_workers, prefetch_factor) applies to file-backed splits.
 
     In a data-parallel run each process evaluates its share and the sums are added up over processes."""
     was_training = model.training
     model.eval()
     sums = {"loss": 0.0, "top1": 0, "top5": 0, "n": 0}
     shard = "eval" if ddp.world_size() > 1 else None
-    for x, y, _ in batches(split, batch_size, device=device, shard=shard):
+    for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
         logits = model(prep(x))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
@@ -109,12 +114,15 @@ def fit(
     # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs
     steps_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
     total_steps = int(t.epochs) * steps_per_epoch
+    speed = Speed(t, device)  # precision, compile, channels_last (modrun/speed.py)
+    speed.prepare(objective.model, objective.modules().values())
     params = [p for m in objective.modules().values() for p in m.parameters() if p.requires_grad]
     optim_args = {k: v for k, v in cfg.optim.items() if k != "name"}
     optimizer = OPTIMIZERS.get(cfg.optim.name)(params, **optim_args)
     sched_args = {k: v for k, v in cfg.sched.items() if k != "name"}
     scheduler = SCHEDULERS.get(cfg.sched.name)(optimizer, total_steps, steps_per_epoch, **sched_args)
     aug = cfg.data.get("augment") or {}
+    loader = {"num_workers": int(cfg.data.num_workers), "prefetch_factor": int(cfg.data.get("prefetch_factor", 2))}
     prep = Preprocess(data, device, int(aug.get("crop_padding", 0)), bool(aug.get("hflip", False)))
     ckpt_dir = run_dir / "checkpoints" / phase if phase else run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +136,7 @@ def fit(
             module.load_state_dict(ckpt["modules"][name])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        speed.load_state_dict(ckpt.get("scaler", {}))
         objective.load_extra_state(ckpt.get("extra", {}))
         own = ddp.own_state(ckpt)  # this process's random state and partial sums
         state = State(**{**ckpt["state"], "sums": own["sums"]})
@@ -157,6 +166,7 @@ def fit(
                 "modules": {k: m.state_dict() for k, m in objective.modules().items()},
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": speed.state_dict(),
                 "extra": objective.extra_state(),
                 "state": {**vars(state), "sums": mine["sums"]},
                 "rng": mine["rng"],
@@ -168,6 +178,14 @@ def fit(
 
     # running sums of this epoch's train metrics stay on the device: no host sync per step
     running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
+
+    def forward_backward(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        with speed.autocast():  # trainer.precision: forward and loss in bf16/fp16, weights stay fp32
+            loss, logits, terms = objective.loss(x, y, idx)
+        optimizer.zero_grad(set_to_none=True)
+        speed.scaler.scale(loss).backward()  # 16-mixed: scaled up so that small fp16 gradients do not vanish
+        return loss, logits, terms
+
     val: dict[str, float] = {}
     stop = StopRequest()
     t0 = time.time()
@@ -183,19 +201,21 @@ def fit(
                 shuffle=True,
                 drop_last=t.drop_last,
                 start=start,
-                num_workers=int(cfg.data.num_workers),
                 device=device,
                 shard="train" if world > 1 else None,
+                **loader,
             ):
                 # augmentation is seeded by the step, so a resumed run draws the same crops and flips
-                loss, logits, terms = objective.loss(prep(x, augment_seed=seed * 7919 + state.step), y, idx)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                x = speed.inputs(prep(x, augment_seed=seed * 7919 + state.step))
+                # a compiled model compiles on its first step; if that fails, the step is redone eagerly
+                loss, logits, terms = speed.step(forward_backward, x, y, idx)
                 if world > 1:
                     ddp.average_gradients(params)
                 if t.grad_clip:
+                    speed.scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                     nn.utils.clip_grad_norm_(params, float(t.grad_clip))
-                optimizer.step()
+                speed.scaler.step(optimizer)  # 16-mixed: skipped when the gradients overflowed
+                speed.scaler.update()
                 if world > 1:
                     ddp.broadcast_state(objective.modules().values())  # rank 0's BatchNorm statistics
                 scheduler.step()
@@ -232,7 +252,8 @@ def fit(
             check_finite(totals, state.step, state.epoch)
             train = {k: (v / totals["n"]).item() for k, v in totals.items() if k != "n"}
             running, state.epoch = {}, state.epoch + 1
-            val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device)
+            with speed.eager():
+                val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
             log.info(
@@ -244,15 +265,19 @@ def fit(
                 save("best.pt")
             save("last.pt")
 
+    speed.release()  # the pipeline gets back a plain module (cost report, saving, a next phase)
     eval_bs = int(cfg.data.eval_batch_size)
-    final = {f"val/{k}": v for k, v in val.items()}
-    final.update({f"test/{k}": v for k, v in evaluate(objective.model, data.test, prep, eval_bs, device).items()})
+
+    def test(model: nn.Module) -> dict[str, float]:
+        return {f"test/{k}": v for k, v in evaluate(model, data.test, prep, eval_bs, device, **loader).items()}
+
+    final = {**{f"val/{k}": v for k, v in val.items()}, **test(objective.model)}
     best = {"epoch": state.best_epoch, "val/top1": state.best}
     if (ckpt_dir / "best.pt").exists():
         best_model = _copy_with_weights(
             objective.model, checkpoint.load(ckpt_dir / "best.pt", device, run_dir)["modules"]["model"]
         )
-        best.update({f"test/{k}": v for k, v in evaluate(best_model, data.test, prep, eval_bs, device).items()})
+        best.update(test(best_model))
     return {"final": final, "best": best, "steps": state.step, "epochs": state.epoch}
 
 

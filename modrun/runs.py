@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,11 +57,20 @@ def reserve_run_dir(runs_dir: Path, command: str, name: str) -> Path:
     for i in range(1, 10_000):
         path = parent / (stem if i == 1 else f"{stem}_{i}")
         try:
-            path.mkdir()
+            path.mkdir(parents=True)  # parents again: a failed run beside us may have removed an empty parent
             return path
         except FileExistsError:
             continue
     raise RuntimeError(f"cannot reserve a run folder under {parent}")
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run folder in which nothing ran (bad input found late), and runs/<command>/ if now empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        Path(run_dir).parent.rmdir()  # a run reserving beside us re-creates it (reserve_run_dir: parents=True)
+    except OSError:
+        pass  # not empty: other runs live there
 
 
 def set_status(run_dir: Path, state: str, **fields: Any) -> None:

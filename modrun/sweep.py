@@ -169,8 +169,13 @@ def resume_sweep(sweep_dir: Path) -> int:
     from modrun.launch import composer_for, resume_run
     from modrun.pipelines.common import load_run_config
 
-    data = read_json(sweep_dir / "sweep.json")
-    task = SweepJob(data["command"], sweep_dir, data["objective"], data["direction"], optimizing=False)
+    try:
+        data = read_json(sweep_dir / "sweep.json")
+        task = SweepJob(data["command"], sweep_dir, data["objective"], data["direction"], optimizing=False)
+        if not all(isinstance(j, dict) and {"num", "run_dir", "overrides"} <= set(j) for j in data["jobs"]):
+            raise ValueError("a job without num, run_dir or overrides")
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a damaged record is bad input, not a crash
+        raise UserError(f"{sweep_dir}/sweep.json cannot be read as a sweep record ({type(e).__name__}: {e})") from None
     todo = [j for j in data["jobs"] if job_state(sweep_dir, j) != "completed"]
     if not todo and data["jobs"]:
         _say(f"{sweep_dir}: every job already completed")

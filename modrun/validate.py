@@ -25,6 +25,7 @@ COMMAND_CHECKS = {
     "distill": "modrun.distill.checks:check",
     "prune": "modrun.prune.checks:check",
     "grow": "modrun.grow.checks:check",
+    "stitch": "modrun.stitch.checks:check",
 }
 
 

@@ -68,3 +68,19 @@ def test_bad_run_folders_and_options():
     assert r.code == 2 and "did you mean models" in r.err
     r = cli("train", "--config-dir", "nowhere")
     assert r.code == 2 and "--config-dir" in r.err
+
+
+def test_hydra_may_not_run_code_or_change_directory(tmp_path):
+    """Hydra instantiates hydra.callbacks from `_target_`; a colleague's config must not be able to use that."""
+    conf = tmp_path / "myconf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "evil.yaml").write_text("# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: os.system\n")
+    cases = [
+        (["+hydra.callbacks.x._target_=os.system"], "hydra.callbacks: modrun runs no code named in a config"),
+        (["--config-dir", str(tmp_path / "myconf"), "experiment=evil"], "hydra.callbacks"),
+        (["hydra.job.chdir=true"], "hydra.job.chdir=true: a modrun run never changes directory"),
+    ]
+    for args, message in cases:
+        r = cli("train", *args)
+        assert r.code == 2 and message in r.text, r.text
+    assert not Path("runs").exists()

@@ -16,4 +16,7 @@ DATASETS.lazy(
 )
 
 # data keys the runner itself reads; every other key of the data node is an argument of the dataset builder
-RUNNER_KEYS = {"name", "batch_size", "eval_batch_size", "num_workers", "augment", "channels", "num_classes"}
+RUNNER_KEYS = {
+    *("name", "batch_size", "eval_batch_size", "num_workers", "augment", "channels", "num_classes"),
+    *("prefetch_factor", "in_memory_mb"),
+}

@@ -1,8 +1,9 @@
 """The data bundle every dataset builder returns, and how batches are drawn from it.
 
 Small datasets are tensors held on the device and batched by index (no DataLoader, no workers); datasets
-too large for memory are map-style `Dataset`s read through a DataLoader. Either way the order of an epoch
-is a pure function of (seed, epoch), so a resumed run can skip exactly the batches it already consumed.
+too large for memory (more than `data.in_memory_mb` decoded) are map-style `Dataset`s read through a
+DataLoader that lives across epochs (data/loader.py). Either way the order of an epoch is a pure function
+of (seed, epoch), so a resumed run can skip exactly the batches it already consumed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from modrun.errors import UserError
 
@@ -23,6 +24,7 @@ class Split:
     y: torch.Tensor
     x: torch.Tensor | None = None
     dataset: Dataset | None = None
+    loaders: dict = field(default_factory=dict, repr=False, compare=False)  # kept across epochs (data/loader.py)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -87,6 +89,7 @@ def batches(
     num_workers: int = 0,
     device: torch.device | None = None,
     shard: str | None = None,
+    prefetch_factor: int = 2,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images, labels, sample indices) of one epoch, skipping the first `start` batches (consumed before a
     resume). The indices let per-sample state (teacher-output caches, contrastive memories) follow samples.
@@ -107,17 +110,9 @@ def batches(
             idx = idx.to(split.x.device)
             yield split.x[idx], split.y[idx], idx
         return
-    loader = DataLoader(
-        split.dataset,
-        batch_sampler=[c.tolist() for c in chunks],
-        num_workers=num_workers,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False,
-    )
-    for (x, y), idx in zip(loader, chunks, strict=True):
-        if device is not None:
-            x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
-        yield x, y, idx
+    from modrun.data.loader import read_batches  # file-backed: one DataLoader per split, workers kept
+
+    yield from read_batches(split, chunks, num_workers, device, prefetch_factor)
 
 
 class Preprocess:

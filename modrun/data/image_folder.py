@@ -1,6 +1,7 @@
 """Images on disk: PATH/<class>/*.png, or PATH/train/<class>/... with val/ (and test/) beside it.
 
-Files are decoded lazily by DataLoader workers, so folders larger than memory work.
+Files are decoded lazily by DataLoader workers, so folders larger than memory work; folders that fit
+`data.in_memory_mb` are decoded once at the start and then batched from memory (data/loader.py).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import logging
 import shlex
-import shutil
 import sys
 import time
 import traceback
@@ -21,9 +21,18 @@ from torch import nn
 from modrun import cost, distributed
 from modrun.data import RUNNER_KEYS
 from modrun.data.base import Data
+from modrun.data.loader import load_in_memory
 from modrun.errors import UserError
 from modrun.registry import DATASETS, MODELS, import_user_modules
-from modrun.runs import atomic_write, log_to, read_json, record_environment, set_status, write_json
+from modrun.runs import (
+    atomic_write,
+    discard_run_dir,
+    log_to,
+    read_json,
+    record_environment,
+    set_status,
+    write_json,
+)
 from modrun.stopping import Interrupted, NonFiniteLoss
 
 log = logging.getLogger("modrun")
@@ -55,6 +64,8 @@ def builder_args(builder: Callable, node: DictConfig, runner_keys: set[str]) -> 
 def build_data(cfg: DictConfig) -> Data:
     builder = DATASETS.get(cfg.data.name)
     data = builder(**builder_args(builder, cfg.data, RUNNER_KEYS))
+    # file-backed splits that fit the budget are decoded once and then batched by index, like digits
+    data = load_in_memory(data, float(cfg.data.get("in_memory_mb", 1024)), int(cfg.data.get("num_workers", 0)))
     for key in ("channels", "num_classes", "image_size"):
         want = cfg.data.get(key)
         if want is not None and int(want) != getattr(data, key):
@@ -118,8 +129,12 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
     t0 = time.time()
     earlier = float(read_json(run_dir / "status.json").get("active_s", 0.0)) if resume else 0.0
 
-    def ended(state: str, **fields: Any) -> None:  # every session's time counts, resumed ones too
-        set_status(run_dir, state, active_s=round(earlier + time.time() - t0, 3), **fields)
+    def ended(state: str, **fields: Any) -> bool:  # every session's time counts, resumed ones too
+        try:
+            set_status(run_dir, state, active_s=round(earlier + time.time() - t0, 3), **fields)
+            return True
+        except OSError:  # a full disk: the error being reported matters more than status.json
+            return False
 
     with log_to(run_dir):
         set_status(run_dir, "running", command=command)
@@ -130,10 +145,12 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
                 summary = distributed.launch(command, cfg, run_dir, resume)  # workers run the pipeline
             else:
                 summary = pipeline(cfg, run_dir, resume)
+            summary["wall_time_s"] = round(earlier + time.time() - t0, 3)  # all sessions of the run
+            write_json(run_dir / "summary.json", summary)
         except UserError:
             # bad input found late (e.g. a file vanished): leave no half-made folder if nothing was trained
             if not (run_dir / "checkpoints" / "last.pt").exists() and not resume:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                discard_run_dir(run_dir)
             else:
                 ended("failed", error="bad input")
             raise
@@ -145,15 +162,33 @@ def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) 
             ended("failed", error=str(e))
             log.error(f"failed: {e}")
             return 1
-        except Exception as e:
-            ended("failed", error=f"{type(e).__name__}: {e}")
-            log.error("failed with an exception:\n" + traceback.format_exc())
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                return _crashed(e, ended)
+            # one line, no traceback: atomic writes left every earlier file (and checkpoint) as it was
+            recorded = ended("failed", error=f"{e.strerror}: {e.filename or run_dir}")
+            log.error(
+                f"failed: {e.strerror} while writing into {run_dir}"
+                f"{'' if recorded else ' (status.json not updated)'}; the last checkpoint is intact: "
+                f"free some space, then `modrun resume {run_dir}`"
+            )
             return 1
-        summary["wall_time_s"] = round(earlier + time.time() - t0, 3)  # all sessions of the run
-        write_json(run_dir / "summary.json", summary)
-        ended("completed")
+        except Exception as e:
+            return _crashed(e, ended)
+        if not ended("completed"):
+            log.error(f"failed: status.json of {run_dir} could not be written; `modrun resume {run_dir}` finishes it")
+            return 1
         log.info(f"completed: {run_dir}")
     return 0
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _crashed(e: Exception, ended: Callable[..., bool]) -> int:
+    ended("failed", error=f"{type(e).__name__}: {e}")
+    log.error("failed with an exception:\n" + traceback.format_exc())
+    return 1
 
 
 def _pipeline(command: str) -> str:
@@ -167,4 +202,10 @@ def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "status.json").is_file():
         raise UserError(f"'{run_dir}' is not a modrun run folder (no config.yaml/status.json)")
-    return OmegaConf.load(run_dir / "config.yaml"), read_json(run_dir / "status.json")
+    try:
+        cfg, status = OmegaConf.load(run_dir / "config.yaml"), read_json(run_dir / "status.json")
+    except Exception as e:  # noqa: BLE001 - a damaged record (YAML/JSON errors, unreadable files) is bad input
+        raise UserError(f"'{run_dir}': cannot read config.yaml/status.json ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig) or not isinstance(status, dict):
+        raise UserError(f"'{run_dir}': config.yaml or status.json does not hold a mapping")
+    return cfg, status

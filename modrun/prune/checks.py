@@ -6,18 +6,24 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from modrun.errors import UserError
 from modrun.prune.context import LAYER_TYPES
+from modrun.prune.shapes import apply_shapes, read_shapes
 
 RECOVER = ("none", "finetune", "distill")
 
 
 def check(cfg: DictConfig) -> list[str]:
+    from modrun.distill.checks import checkpoint_problems, run_source
+
     errors = []
     s = cfg.source
-    if s.run and not (Path(s.run) / "config.yaml").is_file():
-        errors.append(f"source.run={s.run}: not a modrun run folder (no config.yaml)")
-    if s.checkpoint and not Path(s.checkpoint).is_file():
-        errors.append(f"source.checkpoint={s.checkpoint}: no such file")
+    source = cfg.model  # the model that is pruned: this config's, or that of source.run
+    if s.run:
+        node, errors = run_source(s.run, "source.run")
+        source = node if node is not None else source
+    if s.checkpoint:
+        errors += checkpoint_problems(s.checkpoint, cfg.model, "source.checkpoint")
     if s.run and s.checkpoint:
         errors.append("source.run and source.checkpoint are both set; give one")
     if cfg.recover.name not in RECOVER:
@@ -27,9 +33,46 @@ def check(cfg: DictConfig) -> list[str]:
     for t in cfg.prune.types:
         if t not in LAYER_TYPES:
             errors.append(f"prune.types: unknown layer type {t} (valid: {', '.join(LAYER_TYPES)})")
+    if cfg.recover.name == "distill":
+        from modrun.distill.checks import check_kd_values
+
+        errors += check_kd_values(cfg)
+    if not errors:
+        errors += pruner_problems(cfg, source, read_shapes(Path(s.run)) if s.run else None)
     if cfg.recover.name == "distill" and not errors:
         from modrun.distill.checks import check_layers
 
-        teacher = OmegaConf.load(Path(s.run) / "config.yaml").model if s.run else cfg.model
-        errors += check_layers(cfg, [teacher])
+        errors += check_layers(cfg, [source])  # the teacher is the unpruned source model
     return errors
+
+
+def pruner_problems(cfg: DictConfig, node: DictConfig, shapes: dict | None) -> list[str]:
+    """Build the pruner on the source model, on the meta device: its arguments (sparsity in [0, 1), a
+    schedule, a layer selection that matches nothing) are checked before a source model is trained."""
+    import torch
+
+    from modrun.drybuild import build_on_meta
+    from modrun.prune import RUNNER_KEYS
+    from modrun.prune.context import PruneContext, select_layers
+    from modrun.registry import PRUNERS
+
+    p, d = cfg.prune, cfg.data
+    try:
+        model = build_on_meta(node)
+        if shapes:  # a channel-pruned source run: its smaller layers
+            with torch.device("meta"):
+                apply_shapes(model, shapes)
+    except Exception:  # noqa: BLE001 - the model's own arguments are reported by the build check
+        return []
+    try:
+        targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
+        args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
+        example = torch.zeros(1, int(d.channels), int(d.image_size), int(d.image_size), device="meta")
+        ctx = PruneContext(model, targets, int(cfg.seed), example, int(d.num_classes), Path(str(cfg.runs_dir)))
+        with torch.random.fork_rng(devices=[]):  # a pruner may seed the global generator: leave it as it was
+            PRUNERS.get(p.name)(ctx, **args)
+    except UserError as e:
+        return e.messages
+    except Exception as e:  # noqa: BLE001 - whatever the pruner refuses is bad input
+        return [f"prune: pruner '{p.name}' refuses these arguments ({type(e).__name__}: {str(e).splitlines()[0]})"]
+    return []

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from modrun.errors import UserError
 from modrun.prune.context import PruneContext
 
 log = logging.getLogger("modrun")
@@ -110,4 +111,7 @@ def sensitivity(
     ctx: PruneContext, sparsities: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95), target: float = 0.8
 ) -> Sensitivity:
     """Per-layer sensitivity table, CSV and plot, plus suggested per-layer sparsities for `target`."""
+    bad = [s for s in [*sparsities, target] if not 0.0 <= s < 1.0]
+    if bad or not sparsities:
+        raise UserError(f"prune.sparsities={list(sparsities)}, prune.target={target}: need values in [0, 1)")
     return Sensitivity(ctx, list(sparsities), target)

@@ -153,5 +153,9 @@ def gradual_magnitude(
     """Magnitude pruning every `every` steps from `start` to `end` (fractions of training), cubic schedule."""
     if not 0.0 <= start < end <= 1.0:
         raise UserError(f"prune.start={start} and prune.end={end}: need 0 <= start < end <= 1")
+    if every < 1:  # pruning happens at the steps divisible by `every`
+        raise UserError(f"prune.every={every}: must be >= 1")
+    if 0.0 <= sparsity < 1.0 and not 0.0 <= initial_sparsity <= sparsity:  # (a bad sparsity: MaskPruner says)
+        raise UserError(f"prune.initial_sparsity={initial_sparsity}: must be in [0, prune.sparsity={sparsity}]")
     schedule = {"start": start, "end": end, "every": every, "initial_sparsity": initial_sparsity}
     return MaskPruner(ctx.targets, magnitude_scores, sparsity, scope, ctx.seed, schedule)

@@ -87,7 +87,7 @@ _add_run_command("stitch", "Stitch two trained anchors (small, large) into netwo
 
 @app.command(context_settings={"allow_extra_args": True})
 def sweep(
-    command: str = typer.Argument(..., help="train, distill or prune"),
+    command: str = typer.Argument(..., help="train, distill, prune, grow or stitch"),
     overrides: list[str] | None = OVERRIDES,
     config_dir: Path | None = CONFIG_DIR,
     runs_dir: Path | None = RUNS_DIR,
@@ -104,7 +104,7 @@ def sweep(
 
 @app.command()
 def validate(
-    command: str = typer.Argument(..., help="train, distill or prune"),
+    command: str = typer.Argument(..., help="train, distill, prune, grow or stitch"),
     overrides: list[str] | None = OVERRIDES,
     config_dir: Path | None = CONFIG_DIR,
 ) -> None:

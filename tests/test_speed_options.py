@@ -128,7 +128,14 @@ def test_teacher_forward_runs_under_autocast():
     assert seen == [torch.bfloat16]
 
 
-@pytest.mark.parametrize("option", ["trainer.precision=bf16", "trainer.channels_last=true"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "trainer.precision=bf16",
+        "trainer.channels_last=true",
+        pytest.param("trainer.compile=true", marks=pytest.mark.slow),  # a cold compile takes about a minute here
+    ],
+)
 def test_killed_run_resumes_bitwise(tmp_path, monkeypatch, option):
     """SIGKILL mid-epoch 2, resume: the same weights and metrics as an uninterrupted run with the option."""
     (tmp_path / "slowplugin.py").write_text(PLUGIN)

@@ -94,8 +94,8 @@ def check_processes(command: str, cfg: DictConfig) -> list[str]:
     ]
     if bad or devices * nodes == 1:
         return bad
-    if command == "prune":
-        return ["trainer.devices>1: modrun prune runs in one process (recover on several with modrun distill/train)"]
+    if command in ("prune", "grow", "stitch"):  # their source/anchor runs are prepared inside the pipeline
+        return [f"trainer.devices>1: modrun {command} runs in one process (train or distill run on several)"]
     kd = cfg.get("kd") or {}
     if kd.get("cache_teacher"):
         return ["kd.cache_teacher=true is single-process: set trainer.devices=1 or kd.cache_teacher=false"]

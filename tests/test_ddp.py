@@ -72,6 +72,7 @@ def test_distill_on_two_processes_trains_its_teacher_once():
         ("distill", ["kd.cache_teacher=true"], "kd.cache_teacher=true is single-process"),
         ("distill", ["kd=crd"], "kd=crd keeps a per-sample memory bank"),
         ("prune", [], "modrun prune runs in one process"),
+        ("grow", [], "modrun grow runs in one process"),
     ],
 )
 def test_what_data_parallel_runs_do_not_support_is_a_clear_error(command, args, message):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from modrun.errors import UserError
-from modrun.loop import Objective
+from modrun.objectives import StepSeeded
 
 
 def keep(channels: int, width: float) -> int:
@@ -83,7 +83,7 @@ def sizes(node: DictConfig) -> list[float]:
     return sorted({int(d) for d in node.dims})
 
 
-class NestedObjective(Objective):
+class NestedObjective(StepSeeded):
     """The loss over every size of a nested run; the logits reported are the full model's."""
 
     def __init__(self, model: nn.Module, node: DictConfig, seed: int) -> None:
@@ -126,15 +126,6 @@ class NestedObjective(Objective):
             terms[f"ce_d{d}"] = ce.detach()
             total = total + ce
         return total / len(self.sizes), logits, terms
-
-    def after_step(self, step: int) -> None:
-        self.step = step
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state.get("step", 0))
 
 
 def prefix_logits(fc: nn.Linear, x: torch.Tensor, d: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modrun.loop import Objective
+from modrun.objectives import StepSeeded
 
 
 class StitchNet(nn.Module):
@@ -75,7 +75,7 @@ def build(small: nn.Module, large: nn.Module, points: list[int], x: torch.Tensor
     return net.to(x.device)
 
 
-class StitchObjective(Objective):
+class StitchObjective(StepSeeded):
     """Cross-entropy of one stitch point per step, drawn from a generator seeded by (seed, step): resumable."""
 
     def __init__(self, net: StitchNet, points: list[int], seed: int) -> None:
@@ -87,15 +87,6 @@ class StitchObjective(Objective):
         k = self.points[int(torch.randint(len(self.points), (1,), generator=gen))]
         logits = self.model(x, point=k)
         return F.cross_entropy(logits, y), logits, {}
-
-    def after_step(self, step: int) -> None:
-        self.step = step
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state.get("step", 0))
 
 
 def report(net: StitchNet, points: list[int], data: Any, device: torch.device, batch_size: int) -> list[dict]:

@@ -1,17 +1,14 @@
 """`modrun grow` through the real CLI (stack, net2wider, resume after a kill, eval, bad input), and the maths."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, cli_subprocess, only_run, read_json, read_metrics
+from conftest import cli, cli_subprocess, only_run, read_json
 from omegaconf import OmegaConf
+from test_resume import _assert_identical, _env, _start, _wait_for_step
 
 from modrun.grow import grown_node
 from modrun.grow.net2net import net2wider
@@ -188,37 +185,21 @@ def test_sigkill_then_resume_is_identical(tmp_path):
         "grow.noise=0.1",
         "data.augment.crop_padding=1",
     ]
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=env)
+    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=_env(tmp_path, 0))
     assert ref.returncode == 0, ref.stderr
     reference = only_run("grow", tmp_path / "ref")
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modrun.cli", *args[:1], "--runs-dir", "killed", *args[1:]],
-        cwd=tmp_path,
-        env={**os.environ, **env, "SLOW": "0.02"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline, run = time.time() + 120, None
-    while time.time() < deadline and run is None:
-        assert proc.poll() is None, "the run ended before it was killed"
-        for metrics in (tmp_path / "killed").glob("grow/*/metrics.jsonl"):
-            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-            run = metrics.parent if lines and lines[-1]["step"] >= 30 else None  # mid-epoch 2 (20 steps an epoch)
-        time.sleep(0.005)
+    proc = _start(tmp_path, "killed", 0.02, *args[:1], "--runs-dir", "killed", *args[1:])
+    run = _wait_for_step(tmp_path / "killed", 30, proc)  # mid-epoch 2 (20 steps an epoch)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert run is not None and read_json(run / "status.json")["state"] == "running"
+    assert read_json(run / "status.json")["state"] == "running"
     assert 0 < torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] < 40
 
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
-    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    a, b = read_json(run / "summary.json"), read_json(reference / "summary.json")
-    assert a["final"] == b["final"] and a["grown_before_training"] == b["grown_before_training"]
-
-    def records(r: Path) -> list[dict]:
-        return [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(r)]
-
-    assert records(run) == records(reference)
+    _assert_identical(run, reference)  # weights, final/best metrics and every metrics.jsonl record
+    assert (
+        read_json(run / "summary.json")["grown_before_training"]
+        == read_json(reference / "summary.json")["grown_before_training"]
+    )

@@ -2,18 +2,15 @@
 
 import copy
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, cli_subprocess, only_run, read_json, read_metrics
+from conftest import cli, cli_subprocess, only_run, read_json
 from omegaconf import OmegaConf
+from test_resume import _assert_identical, _env, _start, _wait_for_step
 
 from modrun.registry import MODELS
 from modrun.stitch.net import boundary_features, build, least_squares
@@ -154,40 +151,23 @@ def test_sigkill_then_resume_is_identical(anchors, tmp_path):
     (tmp_path / "slowstitch.py").write_text(SLOW_PLUGIN)
     args = ["stitch", f"anchors=[{anchors[0]},{anchors[1]}]", "+imports=[slowstitch]", "trainer.epochs=2"]
     args += ["trainer.checkpoint_every_steps=4", "trainer.log_every_steps=1", "trainer.progress=false"]
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=env)
+    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=_env(tmp_path, 0))
     assert ref.returncode == 0, ref.stderr
     reference = only_run("stitch", tmp_path / "ref")
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modrun.cli", *args[:1], "--runs-dir", "killed", *args[1:]],
-        cwd=tmp_path,
-        env={**os.environ, **env, "SLOW": "0.02"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline, run = time.time() + 120, None
-    while time.time() < deadline and run is None:
-        assert proc.poll() is None, "the run ended before it was killed"
-        for metrics in (tmp_path / "killed").glob("stitch/*/metrics.jsonl"):
-            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-            run = metrics.parent if lines and lines[-1]["step"] >= 30 else None  # mid-epoch 2 (20 steps an epoch)
-        time.sleep(0.005)
+    proc = _start(tmp_path, "killed", 0.02, *args[:1], "--runs-dir", "killed", *args[1:])
+    run = _wait_for_step(tmp_path / "killed", 30, proc)  # mid-epoch 2 (20 steps an epoch)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert run is not None and read_json(run / "status.json")["state"] == "running"
+    assert read_json(run / "status.json")["state"] == "running"
     assert 0 < torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] < 40
 
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
-    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    a, b = read_json(run / "summary.json"), read_json(reference / "summary.json")
-    assert a["final"] == b["final"] and a["best"] == b["best"]
+    _assert_identical(run, reference)  # weights, final/best metrics and every metrics.jsonl record
 
     def drop_latency(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "latency_ms_batch1"} for r in rows]
 
+    a, b = read_json(run / "summary.json"), read_json(reference / "summary.json")
     assert drop_latency(a["stitches"]) == drop_latency(b["stitches"])
-    assert [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(run)] == [
-        {k: v for k, v in m.items() if k != "time"} for m in read_metrics(reference)
-    ]

@@ -83,13 +83,13 @@ def type_problem(old: Any, new: Any) -> str | None:
     if new is None:  # null may replace text or a node (teacher.run=null), not a number or a flag the run reads
         if isinstance(old, bool):
             return "expects true or false, got null"
-        return f"expects {'an integer' if isinstance(old, int) else 'a number'}, got null" if _number(old) else None
+        return f"expects {'an integer' if isinstance(old, int) else 'a number'}, got null" if is_number(old) else None
     if isinstance(old, bool):
         return None if isinstance(new, bool) else f"expects true or false, got {_kind(new)}"
     if isinstance(old, int):
         return None if isinstance(new, int) and not isinstance(new, bool) else f"expects an integer, got {_kind(new)}"
     if isinstance(old, float):
-        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+        ok = is_number(new)
         return None if ok else f"expects a number, got {_kind(new)}"
     if isinstance(old, (list, ListConfig)):
         return None if isinstance(new, (list, ListConfig)) else f"expects a list, got {_kind(new)}"
@@ -104,7 +104,8 @@ def type_problem(old: Any, new: Any) -> str | None:
     return None
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -245,10 +246,10 @@ def _check_values(cfg: DictConfig) -> list[str]:
     ]
     for key, low in checks:
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        if is_number(value) and value < low:
             errors.append(f"{key}={value}: must be >= {low}")
     clip = OmegaConf.select(cfg, "trainer.grad_clip")
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip > 0:
+    if is_number(clip) and not clip > 0:
         # a negative max norm would flip the gradients' sign, not clip them
         errors.append(f"trainer.grad_clip={clip}: must be > 0 (or null for no clipping)")
     runs_dir = cfg.get("runs_dir")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from modrun.checks import DEVICE, suggest_key, type_problem
+from modrun.checks import DEVICE, is_number, suggest_key, type_problem
 from modrun.errors import UserError, did_you_mean
 from modrun.runs import read_json
 
@@ -23,7 +23,7 @@ def settings(overrides: list[str]) -> DictConfig:
         if key.startswith("layer_scales.") and key.count(".") >= 1:  # a module path: layer_scales.layers.0=0.5
             value = OmegaConf.from_dotlist([o])
             scale = OmegaConf.select(value, key)
-            if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            if is_number(scale):
                 cfg.layer_scales[key.split(".", 1)[1]] = float(scale)
             else:
                 errors.append(f"{o}: a layer scale must be a number")

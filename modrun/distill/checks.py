@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from modrun.checks import is_number
 from modrun.errors import UserError
 
 
@@ -50,7 +51,7 @@ def check_kd_values(cfg: DictConfig) -> list[str]:
         for key, value in node.items():
             if isinstance(value, DictConfig):
                 nodes.append((f"{path}.{key}", value))
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            elif is_number(value):
                 if key in POSITIVE and not value > 0:
                     errors.append(f"{path}.{key}={value}: must be > 0")
                 elif key in NON_NEGATIVE and not value >= 0:

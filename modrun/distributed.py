@@ -189,11 +189,10 @@ def launch(command: str, cfg: DictConfig, run_dir: Path, resume: bool) -> dict[s
 
 def _worker(command: str, plain: dict, run_dir: str, resume: bool) -> dict[str, Any]:
     """One process of the run: join the group, run the pipeline, report how it ended (picklable dicts)."""
-    import importlib
     import logging
     import traceback
 
-    from modrun.pipelines.common import _pipeline
+    from modrun.pipelines.common import pipeline_for
     from modrun.registry import import_user_modules
     from modrun.runs import log_to
 
@@ -207,10 +206,9 @@ def _worker(command: str, plain: dict, run_dir: str, resume: bool) -> dict[str, 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     cfg = OmegaConf.create(plain)
-    module, attr = _pipeline(command).split(":")
     try:
         import_user_modules(list(cfg.get("imports") or []))
-        pipeline = getattr(importlib.import_module(module), attr)
+        pipeline = pipeline_for(command)
         if is_main():
             with log_to(Path(run_dir)):
                 summary = pipeline(cfg, Path(run_dir), resume)

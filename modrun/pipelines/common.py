@@ -124,8 +124,7 @@ def write_record(
 
 def execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool = False) -> int:
     """Run the pipeline of `command` in `run_dir`; record how it ended in status.json. Returns the exit code."""
-    module, attr = _pipeline(command).split(":")
-    pipeline = getattr(importlib.import_module(module), attr)
+    pipeline = pipeline_for(command)
     t0 = time.time()
     earlier = float(read_json(run_dir / "status.json").get("active_s", 0.0)) if resume else 0.0
 
@@ -191,10 +190,12 @@ def _crashed(e: Exception, ended: Callable[..., bool]) -> int:
     return 1
 
 
-def _pipeline(command: str) -> str:
+def pipeline_for(command: str) -> Callable[[DictConfig, Path, bool], dict]:
+    """The pipeline function of a command, from the fixed table in modrun.pipelines."""
     from modrun.pipelines import PIPELINES
 
-    return PIPELINES[command]
+    module, attr = PIPELINES[command].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:

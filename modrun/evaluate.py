@@ -15,6 +15,8 @@ from modrun.compose import Composer
 from modrun.errors import UserError
 from modrun.validate import check_group_choice, check_value_override
 
+NESTED_KEYS = ("nested.width", "nested.depth", "nested.dim")
+
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_dir: Path | None) -> DictConfig:
     """A saved (resolved) config with overrides on top: `group=option` swaps the node, `key=value` sets a key."""
@@ -44,28 +46,43 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
     return cfg
 
 
-def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[float | None, list[str]]:
-    """`nested.width=0.5` (sorted) or `nested.dim=16` (matryoshka) picks one size of a nested run."""
+def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str]]:
+    """`nested.width=0.5` and/or `nested.depth=0.5` (sorted; the other defaults to 1) or `nested.dim=16`
+    (matryoshka) picks one size of a nested run."""
     node = cfg.get("nested")
-    want = {"sorted": "nested.width", "matryoshka": "nested.dim"}.get(str(node.name) if node else "none")
-    picked = [o for o in overrides if o.split("=", 1)[0] in ("nested.width", "nested.dim")]
+    kind = str(node.name) if node else "none"
+    picked = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in NESTED_KEYS}
     if not picked:
         return None, overrides
-    key, value = picked[-1].split("=", 1)
-    if want is None:
+    key = next(iter(picked))
+    if kind not in ("sorted", "matryoshka"):
         raise UserError(f"{key}: this run was not trained with nested=sorted or nested=matryoshka")
-    if key != want:
-        raise UserError(f"{key}: a nested={node.name} run offers sizes by {want}")
-    from modrun.nested import sizes
+    from modrun.nested import depths, sizes
 
     offered = sizes(node)
-    try:
-        size = float(value) if key == "nested.width" else int(value)
-    except ValueError:
-        raise UserError(f"{key}={value}: expected a number, one of {offered}") from None
-    if size not in offered:
-        raise UserError(f"{key}={value}: the run trained the sizes {offered}")
-    return size, [o for o in overrides if o not in picked]
+    wrong = [k for k in picked if (k == "nested.dim") != (kind == "matryoshka")]
+    if wrong:
+        want = "nested.dim" if kind == "matryoshka" else "nested.width / nested.depth"
+        raise UserError(f"{wrong[0]}: a nested={kind} run offers sizes by {want}")
+    choices = {
+        "nested.width": sorted({w for w, _ in offered}) if kind == "sorted" else [],
+        "nested.depth": depths(node) if kind == "sorted" else [],
+        "nested.dim": offered if kind == "matryoshka" else [],
+    }
+    values = {}
+    for k, v in picked.items():
+        try:
+            values[k] = int(v) if k == "nested.dim" else float(v)
+        except ValueError:
+            raise UserError(f"{k}={v}: expected a number, one of {choices[k]}") from None
+        if values[k] not in choices[k]:
+            raise UserError(f"{k}={v}: the run trained the {k.split('.')[1]}s {choices[k]}")
+    size = (
+        values["nested.dim"]
+        if kind == "matryoshka"
+        else (values.get("nested.width", 1.0), values.get("nested.depth", 1.0))
+    )
+    return size, [o for o in overrides if o.partition("=")[0] not in NESTED_KEYS]
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:
@@ -105,9 +122,9 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     prep = Preprocess(data, device)
     bs = int(cfg.data.eval_batch_size)
     if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
-        from modrun.nested import export
+        from modrun.subnet import export
 
-        model = export(run_dir, model, cfg.nested, size, data, prep, int(cfg.data.batch_size))
+        model = export(run_dir, cfg, model, size, data, prep)
     with torch.no_grad():
         results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
     return _report(run_dir, results, weights, overrides, size, point)
@@ -142,17 +159,16 @@ def _model_and_weights(
     return model, state
 
 
-def _report(
-    run_dir: Path, results: dict, weights: str, overrides: list[str], size: float | None, point: int | None
-) -> dict:
+def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], size: object, point: int | None) -> dict:
     """Append the scores to evals.jsonl and print them (with the recorded final score where comparable)."""
     from modrun.runs import read_json
+    from modrun.subnet import size_row
 
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "weights": weights,
         "overrides": overrides,
-        **({"nested": size} if size is not None else {}),
+        **({"nested": size_row(size)} if size is not None else {}),
         **({"stitch.point": point} if point is not None else {}),
         **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
     }

@@ -11,27 +11,60 @@ from conftest import FAST, cli, cli_subprocess, only_run, read_json
 from safetensors.torch import load_file
 from test_resume import ARGS, PLUGIN, _assert_identical, _env, _start, _wait_for_step
 
+from modrun import subnet
 from modrun.models.cnn import cnn_small
 from modrun.models.resnet import resnet20
-from modrun.nested import extract, slim
+from modrun.nested import prefix_logits, slim
+from modrun.subnet import cut, extract
 
 
-@pytest.mark.parametrize("build", [lambda: cnn_small(1, 10, width=16), lambda: resnet20(3, 10, width=0.5)])
-def test_a_masked_width_computes_what_its_cut_out_copy_computes(build):
-    torch.manual_seed(0)
-    model = build()
-    x = torch.randn(4, next(model.parameters()).shape[1], 8, 8)
+def _trained_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     model.train()
     for _ in range(3):  # BatchNorm statistics that are not the initial ones
         model(x)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "build, depths",
+    [(lambda: cnn_small(1, 10, width=16), (1.0,)), (lambda: resnet20(3, 10, width=0.5), (0.34, 0.5, 1.0))],
+)
+def test_a_masked_size_computes_what_its_cut_out_copy_computes(build, depths):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(4, next(model.parameters()).shape[1], 8, 8)
+    _trained_bn(model, x)
     for width in (0.25, 0.5, 1.0):
-        small, _ = extract(model, width, x.shape[1])
-        with torch.no_grad(), slim(model, width):
-            torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+        for depth in depths:
+            small, _ = extract(model, width, x.shape[1], depth)
+            with torch.no_grad(), slim(model, width, depth):
+                torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+            if depth < 1:  # resnet20 has 3 blocks per stage: depth 0.34 keeps 1, 0.5 keeps 2
+                assert [len(stage) for stage in small.layers] == [round(3 * depth + 1e-9)] * 3
+    if depths != (1.0,):  # slim put the dropped blocks back
+        assert [len(stage) for stage in model.layers] == [3, 3, 3]
     assert sum(p.numel() for p in extract(model, 0.5, x.shape[1])[0].parameters()) < sum(
         p.numel() for p in model.parameters()
     )
+
+
+@pytest.mark.parametrize("build", [lambda: cnn_small(1, 10, width=16), lambda: resnet20(1, 10, width=0.5)])
+def test_a_cut_out_matryoshka_size_computes_its_prefix_logits(build):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(4, 1, 8, 8)
+    _trained_bn(model, x)
+    feats = {}
+    handle = model.fc.register_forward_pre_hook(lambda m, inputs: feats.update(x=inputs[0]))
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        for dim in (4, 16):
+            small, shapes = cut(model, dim, 1)
+            torch.testing.assert_close(small(x), prefix_logits(model.fc, feats["x"], dim), rtol=1e-5, atol=1e-5)
+            assert small.fc.in_features == dim
+    # cnn_small's last conv makes the embedding channel for channel, so it shrinks too; a resnet's is a residual sum
+    assert ("features.3.0" in shapes) == isinstance(model, type(cnn_small(1, 10)))
 
 
 def test_sorted_run_reports_every_width_and_cuts_one_out():
@@ -39,7 +72,7 @@ def test_sorted_run_reports_every_width_and_cuts_one_out():
     assert r.code == 0, r.text
     run = only_run()
     rows = read_json(run / "summary.json")["nested"]
-    assert [row["width"] for row in rows] == [0.25, 0.5, 0.75, 1.0]
+    assert [row["width"] for row in rows] == [0.25, 0.5, 0.75, 1.0] and {row["depth"] for row in rows} == {1.0}
     params = [row["params"] for row in rows]
     assert params == sorted(params) and len(set(params)) == 4
     # width 0.5 of a 16-wide cnn_small is exactly an 8-wide one
@@ -51,12 +84,37 @@ def test_sorted_run_reports_every_width_and_cuts_one_out():
     r = cli("eval", str(run), "nested.width=0.5")
     assert r.code == 0, r.text
     evaluated = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
-    assert evaluated["nested"] == 0.5 and evaluated["test/top1"] == pytest.approx(rows[1]["test/top1"])
+    assert evaluated["nested"] == {"width": 0.5, "depth": 1.0}
+    assert evaluated["test/top1"] == pytest.approx(rows[1]["test/top1"])
     # the saved sub-network is a standalone model: an 8-wide cnn_small loads it as it is
-    saved = run / "nested" / "width_0.5"
+    saved = run / "nested" / "w0.5"
     assert (saved / "model_shapes.json").is_file()
     small = cnn_small(1, 10, width=8)
     small.load_state_dict(load_file(saved / "model.safetensors"))
+
+
+def test_sorted_depths_train_every_width_and_depth_and_cut_a_shallower_resnet_out():
+    args = ["model=resnet20", "model.width=0.5", "nested=sorted", "nested.widths=[0.5]", "nested.depths=[0.34,0.67]"]
+    r = cli("train", *FAST[2:], "trainer.epochs=2", *args)
+    assert r.code == 0, r.text
+    run = only_run()
+    rows = read_json(run / "summary.json")["nested"]
+    assert [(row["width"], row["depth"]) for row in rows] == [(w, d) for w in (0.5, 1.0) for d in (0.34, 0.67, 1.0)]
+    for w in (0.5, 1.0):  # fewer blocks, fewer parameters and MACs
+        same = [row for row in rows if row["width"] == w]
+        assert [r["params"] for r in same] == sorted({r["params"] for r in same})
+        assert [r["macs"] for r in same] == sorted({r["macs"] for r in same})
+    assert "ce_w0.5_d0.34" in (run / "metrics.jsonl").read_text() and rows[-1]["test/top1"] > 50
+
+    r = cli("eval", str(run), "nested.depth=0.34", "nested.width=0.5")
+    assert r.code == 0, r.text
+    evaluated = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
+    assert evaluated["nested"] == {"width": 0.5, "depth": 0.34}
+    assert evaluated["test/top1"] == pytest.approx(rows[0]["test/top1"])
+    # one block per stage: built from its model.yaml as a resnet8, then the shapes, then the weights
+    small = subnet.load(run / "nested" / "w0.5_d0.34")
+    assert [len(stage) for stage in small.layers] == [1, 1, 1]
+    assert sum(p.numel() for p in small.parameters()) == rows[0]["params"]
 
 
 def test_matryoshka_run_trains_nested_prefixes_of_the_embedding():
@@ -71,6 +129,10 @@ def test_matryoshka_run_trains_nested_prefixes_of_the_embedding():
     assert json.loads((run / "evals.jsonl").read_text().splitlines()[-1])["test/top1"] == pytest.approx(
         rows[1]["test/top1"]
     )
+    # physically smaller: the classifier and the last conv keep 16 of their 64 channels
+    small = subnet.load(run / "nested" / "d16")
+    assert small.fc.in_features == 16 and small.features[3][0].out_channels == 16
+    assert sum(p.numel() for p in small.parameters()) == rows[1]["params"] < rows[2]["params"]
 
 
 def test_sampled_widths_resume_bitwise(tmp_path):
@@ -96,6 +158,9 @@ def test_sampled_widths_resume_bitwise(tmp_path):
         (["nested=sorted", "nested.widths=[0,1.5]"], "nested.widths=[0, 1.5]: each width must be in (0, 1]"),
         (["nested=sorted", "model=mlp"], "nested=sorted slices channels at BatchNorm layers; model mlp has none"),
         (["nested=matryoshka", "nested.dims=[8,1000]"], "each must be in 1..128 (the embedding size)"),
+        (["nested=sorted", "nested.depths=[0.5]"], "model cnn_small has no residual stages to shorten"),
+        (["nested=sorted", "model=resnet20", "nested.depths=[0.9]"], "two depths keep the same number of blocks"),
+        (["nested=sorted", "model=resnet20", "nested.depths=[0]"], "each depth must be in (0, 1]"),
     ],
 )
 def test_bad_nested_configs(args, message):
@@ -108,8 +173,9 @@ def test_bad_sizes_at_eval():
     assert cli("train", *FAST, "nested=sorted", "nested.widths=[0.5]").code == 0
     run = str(only_run())
     for args, message in [
-        (["nested.width=0.3"], "nested.width=0.3: the run trained the sizes [0.5, 1.0]"),
-        (["nested.dim=8"], "a nested=sorted run offers sizes by nested.width"),
+        (["nested.width=0.3"], "nested.width=0.3: the run trained the widths [0.5, 1.0]"),
+        (["nested.depth=0.5"], "nested.depth=0.5: the run trained the depths [1.0]"),
+        (["nested.dim=8"], "a nested=sorted run offers sizes by nested.width / nested.depth"),
         (["nested.width=abc"], "expected a number"),
     ]:
         r = cli("eval", run, *args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modrun.models.stages import Head
+from modrun.models.stages import Head, fit_embedding
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -18,6 +18,8 @@ class SmallCNN(nn.Module):
     # module paths that distillation refers to by role (`last`, `all`, `embedding` in kd configs)
     feature_layers = ("features.0", "features.1", "features.3")
     embedding_layer = "pool"
+    # the layers that make the embedding channel for channel: a matryoshka size cuts them too
+    embedding_producers = ("features.3.0", "features.3.1")
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
@@ -32,7 +34,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+        return self.fc(self.dropout(fit_embedding(torch.flatten(self.pool(self.features(x)), 1), self.fc)))
 
     def stages(self) -> list[nn.Module]:
         """The forward pass as consecutive stages (their composition is `forward`), for stitching. The max pool

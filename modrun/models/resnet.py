@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modrun.errors import UserError
-from modrun.models.stages import Head
+from modrun.models.stages import Head, fit_embedding
 
 
 class BasicBlock(nn.Module):
@@ -35,6 +35,7 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     feature_layers = ("layers.0", "layers.1", "layers.2")
     embedding_layer = "pool"
+    block_stages = "layers"  # nested depths drop the trailing blocks of each stage (modrun/nested.py)
 
     def __init__(self, depth: int, in_channels: int, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
@@ -58,7 +59,12 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+        return self.fc(fit_embedding(torch.flatten(self.pool(self.layers(self.stem(x))), 1), self.fc))
+
+    @staticmethod
+    def depth_config(blocks: int) -> dict:
+        """The model config of this family with `blocks` blocks per stage (a shallower nested size)."""
+        return {"name": "resnet", "depth": 6 * blocks + 2}
 
     def stages(self) -> list[nn.Module]:
         """The forward pass as consecutive stages (their composition is `forward`), for stitching."""

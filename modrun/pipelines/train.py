@@ -27,7 +27,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         save_weights(run_dir, model)
         return {**result, **cost_report(model, data, device)}
 
-    from modrun import nested
+    from modrun import nested, subnet
 
     nested.check(cfg, model)
     result = fit(cfg, run_dir, nested.NestedObjective(model, node, int(cfg.seed)), data, device, resume)
@@ -36,16 +36,15 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         from modrun.loop import evaluate
 
         prep = Preprocess(data, device)
-        nested.recalibrate(model, nested.calibration_batches(data, prep, int(cfg.data.batch_size)))
+        subnet.recalibrate(model, subnet.calibration_batches(data, prep, int(cfg.data.batch_size)))
         for split in ("val", "test"):  # the final metrics are those of the weights saved
             scores = evaluate(model, getattr(data, split), prep, int(cfg.data.eval_batch_size), device)
             result["final"].update({f"{split}/{k}": v for k, v in scores.items()})
     save_weights(run_dir, model)
-    rows = nested.report(cfg, model, data, device)
+    rows = subnet.report(cfg, model, data, device)
     if is_main():
         write_json(run_dir / "nested.json", rows)
-        nested.plot(rows, run_dir / "nested.png")
-    key = "width" if node.name == "sorted" else "dim"
+        subnet.plot(rows, run_dir / "nested.png")
     for r in rows:
-        log.info(f"{key} {r[key]:g}: test/top1 {r['test/top1']:.2f}  params {r['params']:,}  MACs {r['macs']:,}")
+        log.info(f"{subnet.label(r)}: test/top1 {r['test/top1']:.2f}  params {r['params']:,}  MACs {r['macs']:,}")
     return {**result, **cost_report(model, data, device), "nested": rows}

@@ -4,6 +4,7 @@ whole; every problem is reported at once, one line each, with the closest valid 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -92,6 +93,11 @@ def check_processes(command: str, cfg: DictConfig) -> list[str]:
     bad = [
         f"trainer.{k}={v}: must be a whole number >= 1" for k, v in (("devices", devices), ("nodes", nodes)) if v < 1
     ]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # each torchrun process would make a whole run of its own
+        bad.append(
+            "modrun starts its own processes: run it without torchrun, with trainer.devices=N "
+            "(and trainer.nodes, trainer.rdzv_endpoint across machines)"
+        )
     if bad or devices * nodes == 1:
         return bad
     if command in ("prune", "grow", "stitch"):  # their source/anchor runs are prepared inside the pipeline

@@ -79,3 +79,11 @@ def test_what_data_parallel_runs_do_not_support_is_a_clear_error(command, args, 
     r = cli(command, *([] if "trainer.devices=0" in args else TWO), *args)
     assert r.code == 2 and message in r.text, r.text
     assert not Path("runs").exists()
+
+
+def test_modrun_under_an_outside_torchrun_is_a_clear_error(monkeypatch):
+    # each torchrun process would otherwise make a whole single-process run folder of its own
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "outside")
+    r = cli("train", *FAST)
+    assert r.code == 2 and "modrun starts its own processes: run it without torchrun" in r.text, r.text
+    assert not Path("runs").exists()

@@ -11,37 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from common import modrun, row, top1
 
 METHODS = ["kd", "dkd", "dist", "logit_std", "fitnet", "at", "sp", "vid", "reviewkd", "pkt", "rkd", "crd"]
 # AT's loss is a mean over attention-map elements, so its CIFAR weight (1000, for 32x32 maps) is 16x too
 # strong on 8x8 digits (the student collapses to ~44%); scaled by 64/1024 here
 DIGITS_OVERRIDES = {"at": ["kd.weight=62.5"]}
-
-
-def modrun(*args: str) -> Path:
-    """Run `modrun ARGS`; return the run folder it created (printed on its last log line)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "modrun.cli", *args, "trainer.progress=false"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"modrun {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return Path(out.stderr.strip().splitlines()[-1].split("completed: ", 1)[1])
-
-
-def top1(run: Path) -> float:
-    return json.loads((run / "summary.json").read_text())["final"]["test/top1"]
-
-
-def row(name: str, values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"| {name} | {statistics.mean(values):.2f} ± {spread:.2f} | {len(values)} |"
 
 
 def main() -> None:

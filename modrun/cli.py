@@ -165,13 +165,15 @@ def evaluate(
 @app.command()
 def soup(
     runs_and_overrides: list[str] = typer.Argument(..., help="Run and/or sweep folders, then soup=greedy, ..."),
+    runs_dir: Path | None = RUNS_DIR,
 ) -> None:
-    """Average the weights of compatible runs (model soups): soup=uniform (default) or soup=greedy."""
+    """Average the weights of compatible runs (model soups): soup=uniform (default), greedy, sparse or
+    task_arithmetic."""
 
     def go() -> int:
         from modrun.soup import soup_runs
 
-        return soup_runs(list(runs_and_overrides))
+        return soup_runs(_with_runs_dir(runs_and_overrides, runs_dir))
 
     _guard(go)
 

@@ -33,6 +33,12 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: runs[name] for name in [*jobs, "w8"]}
 
 
+def test_soup_takes_runs_dir_like_the_other_commands(farm, tmp_path):
+    r = cli("soup", str(farm["d0"]), str(farm["d1"]), "--runs-dir", str(tmp_path / "elsewhere"))
+    assert r.code == 0, r.text
+    _assert_mean(only_run("soup", tmp_path / "elsewhere"), [farm["d0"], farm["d1"]])
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model.safetensors")
 

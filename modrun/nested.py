@@ -6,8 +6,9 @@ round(d * n) blocks of every residual stage of n blocks (models with such stages
 masks the other channels at every BatchNorm output (so a narrower network sees exactly the activations its
 sliced copy would) and swaps the dropped blocks for identities, and adds up, per step, the losses of every
 (width, depth) pair (`mode: sum`) or of the full model plus one pair drawn from a generator seeded by the
-step (`mode: sample`, resumable); `kd_weight` > 0 adds in-place distillation from the full model's detached
-logits (Hinton KD). modrun/subnet.py cuts a sub-network out as a physically smaller model.
+step (`mode: sample`, resumable). With the `kd` group (`kd=kd`, `kd=dkd`, `kd=[kd,dist]`: the logit methods),
+the full model's detached logits teach every smaller size in place. modrun/subnet.py cuts a sub-network out as
+a physically smaller model.
 
 `matryoshka` (Matryoshka representation learning, Kusupati et al. 2022): the classifier is trained on nested
 prefixes of the embedding (the input of the final linear layer): loss = mean over dims d of
@@ -26,10 +27,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from modrun.distill.base import Outputs
 from modrun.errors import UserError
 from modrun.objectives import StepSeeded
 
 Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka
+LOGIT_METHODS = ("kd", "dkd", "dist", "logit_std")  # the KD methods in-place distillation can use
 
 
 def keep(channels: int, width: float) -> int:
@@ -105,6 +108,44 @@ def check(cfg: DictConfig, model: nn.Module) -> None:
             raise UserError(f"nested.dims={dims}: each must be in 1..{fc.in_features} (the embedding size)")
 
 
+def check_kd(cfg: DictConfig) -> list[str]:
+    """`modrun train` takes the kd group only for in-place distillation between nested sizes (validation)."""
+    kd = cfg.get("kd")
+    if kd is None:
+        return []
+    node = cfg.get("nested")
+    if node is None or node.name != "sorted":
+        return [
+            "kd: modrun train distils in place only between the sizes of nested=sorted (the full model teaches "
+            "the others); to learn from a teacher, use modrun distill"
+        ]
+    errors = []
+    for key, term in (kd.get("terms") or {}).items():
+        name = term.get("name", key)
+        if name not in LOGIT_METHODS or term.get("student_layer") or term.get("teacher_layer"):
+            errors.append(
+                f"kd.terms.{key} ({name}): in-place distillation takes logit methods: {', '.join(LOGIT_METHODS)}"
+            )
+    from modrun.distill.checks import check_kd_values
+
+    return errors + check_kd_values(cfg)
+
+
+def inplace_terms(kd: DictConfig | None, num_classes: int, num_samples: int) -> dict[str, tuple[float, nn.Module]]:
+    """The kd group's terms as (weight, method) pairs, each method a loss over (sub-size, full-model) logits."""
+    from omegaconf import OmegaConf
+
+    from modrun.distill.base import KDContext
+    from modrun.registry import KD_METHODS
+
+    terms = {}
+    for key, node in ((kd or {}).get("terms") or {}).items():
+        args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in ("name", "weight")}
+        method = KD_METHODS.get(node.get("name", key))(KDContext([], [], num_classes, num_samples), **args)
+        terms[str(key)] = (float(node.weight), method)
+    return terms
+
+
 def classifier(model: nn.Module) -> nn.Linear:
     fc = getattr(model, "fc", None)
     if not isinstance(fc, nn.Linear):
@@ -134,10 +175,11 @@ def size_name(size: Size) -> str:
 class NestedObjective(StepSeeded):
     """The loss over every size of a nested run; the logits reported are the full model's."""
 
-    def __init__(self, model: nn.Module, node: DictConfig, seed: int) -> None:
+    def __init__(self, model: nn.Module, node: DictConfig, seed: int, kd: dict | None = None) -> None:
         super().__init__(model)
         self.node, self.seed, self.step = node, seed, 0
         self.sizes = sizes(node)
+        self.kd = kd or {}  # from inplace_terms()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if self.node.name == "matryoshka":
@@ -150,15 +192,16 @@ class NestedObjective(StepSeeded):
         for w, d in pairs:
             with slim(self.model, w, d):
                 logits = self.model(x)
-            ce = F.cross_entropy(logits, y)
-            term = ce
-            if full is not None and float(self.node.kd_weight) > 0:
-                from modrun.distill.methods_logit import soft_kl
-
-                term = ce + float(self.node.kd_weight) * soft_kl(logits, full.detach(), float(self.node.temperature))
+            loss = F.cross_entropy(logits, y)
+            terms[f"ce_{size_name((w, d))}"] = loss.detach()
+            if full is not None:  # a smaller size: the full model's logits teach it
+                teacher = Outputs(full.detach())
+                for key, (weight, method) in self.kd.items():
+                    kd = method(Outputs(logits), teacher, y, idx)
+                    terms[f"{key}_{size_name((w, d))}"] = kd.detach()
+                    loss = loss + weight * kd
             full = logits if full is None else full
-            terms[f"ce_{size_name((w, d))}"] = ce.detach()
-            total = total + term
+            total = total + loss
         return total / len(pairs), full, terms
 
     def _matryoshka(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

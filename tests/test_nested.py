@@ -68,7 +68,7 @@ def test_a_cut_out_matryoshka_size_computes_its_prefix_logits(build):
 
 
 def test_sorted_run_reports_every_width_and_cuts_one_out():
-    r = cli("train", *FAST, "trainer.epochs=2", "nested=sorted", "nested.kd_weight=1.0")
+    r = cli("train", *FAST, "trainer.epochs=2", "nested=sorted", "kd=kd")
     assert r.code == 0, r.text
     run = only_run()
     rows = read_json(run / "summary.json")["nested"]
@@ -79,7 +79,8 @@ def test_sorted_run_reports_every_width_and_cuts_one_out():
     assert rows[1]["params"] == sum(p.numel() for p in cnn_small(1, 10, width=8).parameters())
     assert json.loads((run / "nested.json").read_text()) == rows and (run / "nested.png").stat().st_size > 1000
     assert all(0 <= row["test/top1"] <= 100 for row in rows) and rows[-1]["test/top1"] > 80
-    assert "ce_w0.25" in (run / "metrics.jsonl").read_text()
+    metrics = (run / "metrics.jsonl").read_text()  # in place, the full model teaches every smaller width
+    assert all(f"{term}_w0.25" in metrics for term in ("ce", "kd")) and "kd_w1" not in metrics
 
     r = cli("eval", str(run), "nested.width=0.5")
     assert r.code == 0, r.text
@@ -161,6 +162,9 @@ def test_sampled_widths_resume_bitwise(tmp_path):
         (["nested=sorted", "nested.depths=[0.5]"], "model cnn_small has no residual stages to shorten"),
         (["nested=sorted", "model=resnet20", "nested.depths=[0.9]"], "two depths keep the same number of blocks"),
         (["nested=sorted", "model=resnet20", "nested.depths=[0]"], "each depth must be in (0, 1]"),
+        (["kd=kd"], "kd: modrun train distils in place only between the sizes of nested=sorted"),
+        (["nested=sorted", "kd=fitnet"], "kd.terms.fitnet (fitnet): in-place distillation takes logit methods"),
+        (["nested=sorted", "kd=kd", "kd.temperature=0"], "kd.terms.kd.temperature=0: must be > 0"),
     ],
 )
 def test_bad_nested_configs(args, message):
@@ -170,8 +174,9 @@ def test_bad_nested_configs(args, message):
 
 
 def test_bad_sizes_at_eval():
-    assert cli("train", *FAST, "nested=sorted", "nested.widths=[0.5]").code == 0
+    assert cli("train", *FAST, "nested=sorted", "nested.widths=[0.5]", "kd=[kd,dist]").code == 0
     run = str(only_run())
+    assert all(f'"{term}_w0.5"' in (Path(run) / "metrics.jsonl").read_text() for term in ("kd", "dist"))
     for args, message in [
         (["nested.width=0.3"], "nested.width=0.3: the run trained the widths [0.5, 1.0]"),
         (["nested.depth=0.5"], "nested.depth=0.5: the run trained the depths [1.0]"),

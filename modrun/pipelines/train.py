@@ -30,7 +30,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     from modrun import nested, subnet
 
     nested.check(cfg, model)
-    result = fit(cfg, run_dir, nested.NestedObjective(model, node, int(cfg.seed)), data, device, resume)
+    kd = nested.inplace_terms(cfg.get("kd"), data.num_classes, len(data.train))
+    objective = nested.NestedObjective(model, node, int(cfg.seed), kd)
+    result = fit(cfg, run_dir, objective, data, device, resume)
     if node.name == "sorted":  # every width updated the shared BatchNorm statistics: the full model's own ones
         from modrun.data.base import Preprocess
         from modrun.loop import evaluate

@@ -167,8 +167,8 @@ def soup(
     runs_and_overrides: list[str] = typer.Argument(..., help="Run and/or sweep folders, then soup=greedy, ..."),
     runs_dir: Path | None = RUNS_DIR,
 ) -> None:
-    """Average the weights of compatible runs (model soups): soup=uniform (default), greedy, sparse or
-    task_arithmetic."""
+    """Merge the weights of compatible runs: soup=uniform (default), greedy or task_arithmetic (sparse runs keep
+    their shared mask)."""
 
     def go() -> int:
         from modrun.soup import soup_runs

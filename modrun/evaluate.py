@@ -124,7 +124,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
         from modrun.subnet import export
 
-        model = export(run_dir, cfg, model, size, data, prep)
+        model = export(run_dir, cfg, model, size, data, prep, weights)
     with torch.no_grad():
         results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
     return _report(run_dir, results, weights, overrides, size, point)

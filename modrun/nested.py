@@ -2,7 +2,7 @@
 
 `sorted` (SortedNet, Valipour et al. 2023; after slimmable networks, Yu et al. 2019): a sub-network of width
 w keeps the leading ceil(w * C) channels of every layer with C channels, and one of depth d keeps the leading
-round(d * n) blocks of every residual stage of n blocks (models with such stages: the resnets). Training
+max(1, round(d * n)) blocks of every residual stage of n blocks (models with such stages: the resnets). Training
 masks the other channels at every BatchNorm output (so a narrower network sees exactly the activations its
 sliced copy would) and swaps the dropped blocks for identities, and adds up, per step, the losses of every
 (width, depth) pair (`mode: sum`) or of the full model plus one pair drawn from a generator seeded by the
@@ -32,7 +32,6 @@ from modrun.errors import UserError
 from modrun.objectives import StepSeeded
 
 Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka
-LOGIT_METHODS = ("kd", "dkd", "dist", "logit_std")  # the KD methods in-place distillation can use
 
 
 def keep(channels: int, width: float) -> int:
@@ -54,12 +53,6 @@ def block_stages(model: nn.Module) -> list[nn.Sequential]:
 def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
     """Run `model` as its sub-network of `width` and `depth`: channels beyond the leading ones are zero after
     each BN, and blocks beyond the leading ones of each stage are identities (so they cost nothing)."""
-    dropped = []
-    if depth < 1.0:
-        for stage in block_stages(model):
-            for i in range(keep_blocks(len(stage), depth), len(stage)):
-                dropped.append((stage, i, stage[i]))
-                stage[i] = nn.Identity()
 
     def mask(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         k = keep(out.shape[1], width)
@@ -67,9 +60,14 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
         m[:k] = 1
         return out * m.view(1, -1, *([1] * (out.dim() - 2)))
 
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] if width < 1.0 else []
-    handles = [m.register_forward_hook(mask) for m in bns]
-    try:
+    dropped, handles = [], []
+    try:  # whatever happens, the model leaves as it came
+        for stage in block_stages(model) if depth < 1.0 else []:
+            for i in range(keep_blocks(len(stage), depth), len(stage)):
+                dropped.append((stage, i, stage[i]))
+                stage[i] = nn.Identity()
+        if width < 1.0:
+            handles = [m.register_forward_hook(mask) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         yield
     finally:
         for h in handles:
@@ -78,69 +76,17 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
             stage[i] = block
 
 
-def check(cfg: DictConfig, model: nn.Module) -> None:
-    node = cfg.nested
-    if node.name == "sorted":
-        widths = list(node.widths)
-        if not widths or any(not 0 < float(w) <= 1 for w in widths):
-            raise UserError(f"nested.widths={widths}: each width must be in (0, 1]")
-        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise UserError(f"nested=sorted slices channels at BatchNorm layers; model {cfg.model.name} has none")
-        wanted = list(node.get("depths") or [1.0])
-        if any(not 0 < float(d) <= 1 for d in wanted):
-            raise UserError(f"nested.depths={wanted}: each depth must be in (0, 1]")
-        stages = block_stages(model)
-        if wanted != [1.0] and not stages:
-            raise UserError(
-                f"nested.depths={wanted}: model {cfg.model.name} has no residual stages to shorten (the resnets have)"
-            )
-        if stages:
-            blocks = [keep_blocks(len(stages[0]), d) for d in depths(node)]
-            if len(set(blocks)) < len(blocks):
-                raise UserError(
-                    f"nested.depths={wanted}: two depths keep the same number of blocks per stage "
-                    f"({len(stages[0])} blocks: depths keep {blocks})"
-                )
-    elif node.name == "matryoshka":
-        fc = classifier(model)
-        dims = list(node.dims)
-        if not dims or any(not 0 < int(d) <= fc.in_features for d in dims):
-            raise UserError(f"nested.dims={dims}: each must be in 1..{fc.in_features} (the embedding size)")
-
-
-def check_kd(cfg: DictConfig) -> list[str]:
-    """`modrun train` takes the kd group only for in-place distillation between nested sizes (validation)."""
-    kd = cfg.get("kd")
-    if kd is None:
-        return []
-    node = cfg.get("nested")
-    if node is None or node.name != "sorted":
-        return [
-            "kd: modrun train distils in place only between the sizes of nested=sorted (the full model teaches "
-            "the others); to learn from a teacher, use modrun distill"
-        ]
-    errors = []
-    for key, term in (kd.get("terms") or {}).items():
-        name = term.get("name", key)
-        if name not in LOGIT_METHODS or term.get("student_layer") or term.get("teacher_layer"):
-            errors.append(
-                f"kd.terms.{key} ({name}): in-place distillation takes logit methods: {', '.join(LOGIT_METHODS)}"
-            )
-    from modrun.distill.checks import check_kd_values
-
-    return errors + check_kd_values(cfg)
-
-
 def inplace_terms(kd: DictConfig | None, num_classes: int, num_samples: int) -> dict[str, tuple[float, nn.Module]]:
     """The kd group's terms as (weight, method) pairs, each method a loss over (sub-size, full-model) logits."""
     from omegaconf import OmegaConf
 
+    from modrun.distill import TERM_KEYS
     from modrun.distill.base import KDContext
     from modrun.registry import KD_METHODS
 
     terms = {}
     for key, node in ((kd or {}).get("terms") or {}).items():
-        args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in ("name", "weight")}
+        args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in TERM_KEYS}
         method = KD_METHODS.get(node.get("name", key))(KDContext([], [], num_classes, num_samples), **args)
         terms[str(key)] = (float(node.weight), method)
     return terms
@@ -158,7 +104,7 @@ def depths(node: DictConfig) -> list[float]:
 
 
 def sizes(node: DictConfig) -> list[Size]:
-    """The sizes a nested run offers, smallest first: (width, depth) pairs (sorted) or dims (matryoshka)."""
+    """The sizes a nested run offers: (width, depth) pairs in order (sorted) or dims, smallest first (matryoshka)."""
     if node.name == "sorted":  # the full model is always one of them
         widths = sorted({float(w) for w in node.widths} | {1.0})
         return sorted((w, d) for w in widths for d in depths(node))

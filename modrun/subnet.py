@@ -1,11 +1,11 @@
 """Cutting the sizes of a nested run (modrun/nested.py) out as physically smaller models, and reporting them.
 
 A `sorted` size (width, depth) keeps the leading channels of every layer and the leading blocks of every
-residual stage; a `matryoshka` size (dim) keeps the first `dim` inputs of the classifier `fc`, and also the
-first `dim` outputs of the layers that produce the embedding channel for channel (a model's
-`embedding_producers`, e.g. cnn_small's last conv and its BN). The models slice their embedding to
-`fc.in_features`, so such a cut model computes exactly the prefix logits it was trained for. Each is saved as
-model.safetensors + model_shapes.json (as pruned models are) + model.yaml (the architecture to build first).
+residual stage; a `matryoshka` size (dim) keeps the first `dim` inputs of the classifier `fc` (a PrefixLinear,
+which reads the first `dim` features of the embedding), and also the first `dim` outputs of the layers that make
+the embedding channel for channel (a model's `embedding_producers`, e.g. cnn_small's last conv and its BN), so
+a cut model computes exactly the prefix logits it was trained for. Each is saved as model.safetensors +
+model_shapes.json (as pruned models are) + model.yaml (the architecture to build first).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def sliced_shapes(model: nn.Module, width: float, in_channels: int) -> dict[str,
 def prefix_shapes(model: nn.Module, dim: int) -> dict[str, dict[str, Any]]:
     """Layer sizes of the matryoshka model of `dim`: the classifier and the embedding's producers cut to dim."""
     fc = classifier(model)
-    shapes: dict[str, dict[str, Any]] = {"fc": {"type": "Linear", "in_features": dim, "out_features": fc.out_features}}
+    shapes: dict[str, dict[str, Any]] = {
+        "fc": {"type": "PrefixLinear", "in_features": dim, "out_features": fc.out_features}
+    }
     for name in getattr(model, "embedding_producers", ()):
         m = model.get_submodule(name)
         if isinstance(m, nn.Conv2d):
@@ -116,13 +118,13 @@ def calibration_batches(data: Any, prep: Any, batch_size: int, count: int = 20) 
     return out
 
 
-def size_model(model: nn.Module, size: Size, data: Any, prep: Any, bs: int) -> nn.Module:
-    """The deployable model of one size: cut out; a sorted one's BatchNorm statistics recomputed (the shared
-    ones mix every size), a matryoshka one's kept (its backbone is the full model's)."""
-    small, _ = cut(model, size, data.channels)
+def size_model(model: nn.Module, size: Size, data: Any, prep: Any, bs: int) -> tuple[nn.Module, dict]:
+    """The deployable model of one size and its shapes: cut out; a sorted one's BatchNorm statistics recomputed
+    (the shared ones mix every size), a matryoshka one's kept (its backbone is the full model's)."""
+    small, shapes = cut(model, size, data.channels)
     if isinstance(size, tuple):
         recalibrate(small, calibration_batches(data, prep, bs))
-    return small
+    return small, shapes
 
 
 def size_row(size: Size) -> dict[str, Any]:
@@ -138,7 +140,7 @@ def report(cfg: DictConfig, model: nn.Module, data: Any, device: torch.device) -
     prep, bs, rows = Preprocess(data, device), int(cfg.data.eval_batch_size), []
     example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
     for size in sizes(cfg.nested):
-        sub = size_model(model, size, data, prep, int(cfg.data.batch_size))
+        sub, _ = size_model(model, size, data, prep, int(cfg.data.batch_size))
         row = size_row(size)
         for split in ("val", "test"):
             row[f"{split}/top1"] = evaluate(sub, getattr(data, split), prep, bs, device)["top1"]
@@ -186,21 +188,23 @@ def architecture(cfg: DictConfig, model: nn.Module, size: Size) -> dict[str, Any
     return arch
 
 
-def export(run_dir: Path, cfg: DictConfig, model: nn.Module, size: Size, data: Any, prep: Any) -> nn.Module:
-    """The model of one size, ready to evaluate, also saved under nested/<size>/ so it deploys on its own."""
+def export(
+    run_dir: Path, cfg: DictConfig, model: nn.Module, size: Size, data: Any, prep: Any, weights: str = "final"
+) -> nn.Module:
+    """The model of one size, ready to evaluate, also saved under nested/<size>/ (nested/<size>_<weights> for
+    the best or last checkpoint's weights) so it deploys on its own."""
     from safetensors.torch import save
 
     from modrun.runs import atomic_write, write_json
 
-    sub = size_model(model, size, data, prep, int(cfg.data.batch_size))
-    folder = Path(run_dir) / "nested" / size_name(size)
+    sub, shapes = size_model(model, size, data, prep, int(cfg.data.batch_size))
+    folder = Path(run_dir) / "nested" / (size_name(size) + ("" if weights == "final" else f"_{weights}"))
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(
         folder / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()})
     )
-    _, shapes = cut(model, size, data.channels)
     write_json(folder / SHAPES_FILE, shapes)
-    atomic_write(folder / MODEL_FILE, OmegaConf.to_yaml(architecture(cfg, model, size)).encode())
+    atomic_write(folder / MODEL_FILE, OmegaConf.to_yaml(architecture(cfg, model, size)))
     return sub
 
 

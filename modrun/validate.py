@@ -23,7 +23,7 @@ from modrun.registry import import_user_modules
 
 # checks that only one command needs, run on its composed config ("module:function" -> list of problems)
 COMMAND_CHECKS = {
-    "train": "modrun.nested:check_kd",
+    "train": "modrun.nested_checks:check_train",
     "distill": "modrun.distill.checks:check",
     "prune": "modrun.prune.checks:check",
     "grow": "modrun.grow.checks:check",

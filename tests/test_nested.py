@@ -67,6 +67,22 @@ def test_a_cut_out_matryoshka_size_computes_its_prefix_logits(build):
     assert ("features.3.0" in shapes) == isinstance(model, type(cnn_small(1, 10)))
 
 
+def test_any_model_with_a_linear_fc_cuts_to_a_prefix():
+    class Plain(torch.nn.Module):  # a user's model: its forward knows nothing of nested sizes
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.body(x.flatten(1))))
+
+    model, x = Plain(), torch.randn(3, 1, 8, 8)
+    small, _ = cut(model, 8, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), prefix_logits(model.fc, torch.relu(model.body(x.flatten(1))), 8))
+    assert small.fc.weight.shape == (10, 8)
+
+
 def test_sorted_run_reports_every_width_and_cuts_one_out():
     r = cli("train", *FAST, "trainer.epochs=2", "nested=sorted", "kd=kd")
     assert r.code == 0, r.text
@@ -156,12 +172,20 @@ def test_sampled_widths_resume_bitwise(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["nested=sorted", "nested.widths=[0,1.5]"], "nested.widths=[0, 1.5]: each width must be in (0, 1]"),
+        (["nested=sorted", "nested.widths=[0,1.5]"], "nested.widths=[0, 1.5]: a list of widths, each in (0, 1]"),
+        (["nested=sorted", "model=resnet20", "nested.depths=[a]"], "nested.depths=['a']: a list of depths"),
+        (["nested=sorted", "nested.mode=sampel"], "nested.mode=sampel: expected one of sum, sample"),
+        (["nested=matryoshka", "nested.dims=[2.5]"], "nested.dims=[2.5]: a list of whole numbers"),
+        (["nested=sorted", "trainer.compile=true"], "trainer.compile=true: nested=sorted masks widths with hooks"),
+        (["nested=sorted", "kd=kd", "+kd.terms.kd.student_layer=null"], "in-place distillation takes logit methods"),
         (["nested=sorted", "model=mlp"], "nested=sorted slices channels at BatchNorm layers; model mlp has none"),
         (["nested=matryoshka", "nested.dims=[8,1000]"], "each must be in 1..128 (the embedding size)"),
         (["nested=sorted", "nested.depths=[0.5]"], "model cnn_small has no residual stages to shorten"),
         (["nested=sorted", "model=resnet20", "nested.depths=[0.9]"], "two depths keep the same number of blocks"),
-        (["nested=sorted", "model=resnet20", "nested.depths=[0]"], "each depth must be in (0, 1]"),
+        (
+            ["nested=sorted", "model=resnet20", "nested.depths=[0]"],
+            "nested.depths=[0]: a list of depths, each in (0, 1]",
+        ),
         (["kd=kd"], "kd: modrun train distils in place only between the sizes of nested=sorted"),
         (["nested=sorted", "kd=fitnet"], "kd.terms.fitnet (fitnet): in-place distillation takes logit methods"),
         (["nested=sorted", "kd=kd", "kd.temperature=0"], "kd.terms.kd.temperature=0: must be > 0"),

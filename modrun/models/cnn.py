@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modrun.models.stages import Head, fit_embedding
+from modrun.models.stages import Head
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -34,7 +34,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(fit_embedding(torch.flatten(self.pool(self.features(x)), 1), self.fc)))
+        return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
     def stages(self) -> list[nn.Module]:
         """The forward pass as consecutive stages (their composition is `forward`), for stitching. The max pool

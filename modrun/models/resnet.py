@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modrun.errors import UserError
-from modrun.models.stages import Head, fit_embedding
+from modrun.models.stages import Head
 
 
 class BasicBlock(nn.Module):
@@ -59,7 +59,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(fit_embedding(torch.flatten(self.pool(self.layers(self.stem(x))), 1), self.fc))
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
     @staticmethod
     def depth_config(blocks: int) -> dict:

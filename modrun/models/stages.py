@@ -1,9 +1,10 @@
 """The classifier head as one module, so that a model's forward can be split into stages (`stages()`), and the
-embedding prefix that matryoshka sizes read."""
+classifier of a matryoshka size, which reads a prefix of the embedding."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,11 +18,12 @@ class Head(nn.Module):
         self.dropout = dropout if dropout is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(fit_embedding(torch.flatten(self.pool(x), 1), self.fc)))
+        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
 
 
-def fit_embedding(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
-    """The embedding's first `fc.in_features` channels: a matryoshka size cut out of a nested run
-    (modrun/subnet.py) keeps a prefix of them. A no-op (and not traced) when the sizes agree."""
-    n = getattr(fc, "in_features", x.shape[1])
-    return x if x.shape[1] == n else x[:, :n]
+class PrefixLinear(nn.Linear):
+    """A linear layer that reads the first `in_features` features of a wider input: the classifier of a
+    matryoshka size cut out of a nested run (modrun/subnet.py), whatever the model's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x[:, : self.in_features], self.weight, self.bias)

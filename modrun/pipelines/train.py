@@ -28,12 +28,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         return {**result, **cost_report(model, data, device)}
 
     from modrun import nested, subnet
+    from modrun.nested_checks import check
 
-    nested.check(cfg, model)
+    check(cfg, model)
     kd = nested.inplace_terms(cfg.get("kd"), data.num_classes, len(data.train))
     objective = nested.NestedObjective(model, node, int(cfg.seed), kd)
     result = fit(cfg, run_dir, objective, data, device, resume)
-    if node.name == "sorted":  # every width updated the shared BatchNorm statistics: the full model's own ones
+    if node.name == "sorted":  # every size updated the shared BatchNorm statistics: the full model's own ones
         from modrun.data.base import Preprocess
         from modrun.loop import evaluate
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from modrun.models.stages import PrefixLinear
+
 SHAPES_FILE = "model_shapes.json"
 
 
@@ -24,7 +26,8 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "groups": m.groups,
             }
         elif isinstance(m, nn.Linear):
-            shapes[name] = {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
+            kind = type(m).__name__ if isinstance(m, PrefixLinear) else "Linear"
+            shapes[name] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.BatchNorm2d):
             shapes[name] = {"type": "BatchNorm2d", "num_features": m.num_features}
     return shapes
@@ -50,8 +53,9 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Modu
                 old.bias is not None,
                 old.padding_mode,
             )
-        elif s["type"] == "Linear":
-            new = nn.Linear(s["in_features"], s["out_features"], old.bias is not None)
+        elif s["type"] in ("Linear", "PrefixLinear"):
+            kind = PrefixLinear if s["type"] == "PrefixLinear" else nn.Linear
+            new = kind(s["in_features"], s["out_features"], old.bias is not None)
         elif s["type"] == "BatchNorm2d":
             new = nn.BatchNorm2d(s["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
         else:

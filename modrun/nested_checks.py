@@ -8,7 +8,7 @@ from torch import nn
 
 from modrun.checks import is_number
 from modrun.errors import UserError
-from modrun.nested import block_stages, classifier, depths, keep_blocks
+from modrun.nested import block_stages, classifier, depths, keep_blocks, sizes
 
 LOGIT_METHODS = ("kd", "dkd", "dist", "logit_std")  # the KD methods in-place distillation can use
 MODES = ("sum", "sample")
@@ -80,6 +80,10 @@ def check_kd(cfg: DictConfig) -> list[str]:
             "the others); to learn from a teacher, use modrun distill"
         ]
     errors = []
+    if len(sizes(node)) < 2:
+        errors.append(
+            "kd: nested=sorted with only the full size (widths and depths [1.0]) has no smaller size to teach"
+        )
     for key, term in (kd.get("terms") or {}).items():
         name = term.get("name", key)
         if name not in LOGIT_METHODS or "student_layer" in term or "teacher_layer" in term:

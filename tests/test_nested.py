@@ -188,6 +188,7 @@ def test_sampled_widths_resume_bitwise(tmp_path):
         ),
         (["kd=kd"], "kd: modrun train distils in place only between the sizes of nested=sorted"),
         (["nested=sorted", "kd=fitnet"], "kd.terms.fitnet (fitnet): in-place distillation takes logit methods"),
+        (["nested=sorted", "nested.widths=[1.0]", "kd=kd"], "has no smaller size to teach"),
         (["nested=sorted", "kd=kd", "kd.temperature=0"], "kd.terms.kd.temperature=0: must be > 0"),
     ],
 )

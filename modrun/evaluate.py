@@ -46,12 +46,18 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
     return cfg
 
 
+def take_overrides(overrides: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Split the `key=value` overrides of these keys (the last of each wins) from the others."""
+    picked = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in keys}
+    return picked, [o for o in overrides if o.partition("=")[0] not in keys]
+
+
 def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str]]:
     """`nested.width=0.5` and/or `nested.depth=0.5` (sorted; the other defaults to 1) or `nested.dim=16`
     (matryoshka) picks one size of a nested run."""
     node = cfg.get("nested")
     kind = str(node.name) if node else "none"
-    picked = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in NESTED_KEYS}
+    picked, rest = take_overrides(overrides, NESTED_KEYS)
     if not picked:
         return None, overrides
     key = next(iter(picked))
@@ -82,7 +88,7 @@ def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str
         if kind == "matryoshka"
         else (values.get("nested.width", 1.0), values.get("nested.depth", 1.0))
     )
-    return size, [o for o in overrides if o.partition("=")[0] not in NESTED_KEYS]
+    return size, rest
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:

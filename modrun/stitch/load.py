@@ -15,16 +15,18 @@ from modrun.stitch.net import StitchNet
 
 def stitch_point(run_dir: Path, command: str, overrides: list[str]) -> tuple[int | None, list[str]]:
     """`stitch.point=k` picks one point of a stitch run; returns it and the other overrides."""
-    picked = [o for o in overrides if o.split("=", 1)[0] == "stitch.point"]
+    from modrun.evaluate import take_overrides
+
+    picked, rest = take_overrides(overrides, ("stitch.point",))
     if not picked:
         return None, overrides
-    value = picked[-1].split("=", 1)[1]
+    value = picked["stitch.point"]
     if command != "stitch":
         raise UserError(f"stitch.point={value}: {run_dir} is not a stitch run")
     points = read_json(Path(run_dir) / STITCH_FILE)["points"]
     if not value.isdigit() or int(value) not in points:
         raise UserError(f"stitch.point={value}: the run stitched at points {points}")
-    return int(value), [o for o in overrides if o not in picked]
+    return int(value), rest
 
 
 def stitched_from_run(run_dir: Path, data: object, device: torch.device, weights: str, point: int | None) -> StitchNet:

@@ -48,8 +48,12 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
 
 def take_overrides(overrides: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
     """Split the `key=value` overrides of these keys (the last of each wins) from the others."""
-    picked = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in keys}
-    return picked, [o for o in overrides if o.partition("=")[0] not in keys]
+
+    def key(o: str) -> str:  # `+nested.width=0.5` means the same as `nested.width=0.5`
+        return o.partition("=")[0].lstrip("+")
+
+    picked = {key(o): o.partition("=")[2] for o in overrides if key(o) in keys}
+    return picked, [o for o in overrides if key(o) not in keys]
 
 
 def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str]]:

@@ -4,7 +4,7 @@
 w keeps the leading ceil(w * C) channels of every layer with C channels, and one of depth d keeps the leading
 max(1, round(d * n)) blocks of every residual stage of n blocks (models with such stages: the resnets). Training
 masks the other channels at every BatchNorm output (so a narrower network sees exactly the activations its
-sliced copy would) and swaps the dropped blocks for identities, and adds up, per step, the losses of every
+sliced copy would) and swaps the dropped blocks for identities, and averages, per step, the losses of every
 (width, depth) pair (`mode: sum`) or of the full model plus one pair drawn from a generator seeded by the
 step (`mode: sample`, resumable). With the `kd` group (`kd=kd`, `kd=dkd`, `kd=[kd,dist]`: the logit methods),
 the full model's detached logits teach every smaller size in place. modrun/subnet.py cuts a sub-network out as
@@ -52,7 +52,9 @@ def block_stages(model: nn.Module) -> list[nn.Sequential]:
 @contextmanager
 def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
     """Run `model` as its sub-network of `width` and `depth`: channels beyond the leading ones are zero after
-    each BN, and blocks beyond the leading ones of each stage are identities (so they cost nothing)."""
+    each BN, and blocks beyond the leading ones of each stage are identities (so they cost nothing). BatchNorm
+    running statistics stay the full model's (momentum 0 meanwhile), so validation during training and the
+    checkpoints measure the full model; a cut-out size gets its own (subnet.recalibrate)."""
 
     def mask(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         k = keep(out.shape[1], width)
@@ -60,8 +62,12 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
         m[:k] = 1
         return out * m.view(1, -1, *([1] * (out.dim() - 2)))
 
-    dropped, handles = [], []
+    dropped, handles, momenta = [], [], []
     try:  # whatever happens, the model leaves as it came
+        if width < 1.0 or depth < 1.0:
+            momenta = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for bn, _ in momenta:
+                bn.momentum = 0.0
         for stage in block_stages(model) if depth < 1.0 else []:
             for i in range(keep_blocks(len(stage), depth), len(stage)):
                 dropped.append((stage, i, stage[i]))
@@ -74,6 +80,8 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
             h.remove()
         for stage, i, block in dropped:
             stage[i] = block
+        for bn, momentum in momenta:
+            bn.momentum = momentum
 
 
 def inplace_terms(kd: DictConfig | None, num_classes: int, num_samples: int) -> dict[str, tuple[float, nn.Module]]:
@@ -100,7 +108,8 @@ def classifier(model: nn.Module) -> nn.Linear:
 
 
 def depths(node: DictConfig) -> list[float]:
-    return sorted({float(d) for d in (node.get("depths") or [1.0])} | {1.0})
+    wanted = node.get("depths")
+    return sorted({float(d) for d in (wanted if wanted is not None else [1.0])} | {1.0})
 
 
 def sizes(node: DictConfig) -> list[Size]:

@@ -24,11 +24,10 @@ def check_values(node: DictConfig) -> list[str]:
     """The nested node's own values: fractions in (0, 1], whole dims, a known mode."""
     if node.name == "sorted":
         errors = _fractions("nested.widths", node.get("widths"), "widths")
-        errors += _fractions("nested.depths", node.get("depths") or [1.0], "depths")
+        wanted = node.get("depths")
+        errors += _fractions("nested.depths", wanted if wanted is not None else [1.0], "depths")
         if node.get("mode") not in MODES:
             errors.append(f"nested.mode={node.get('mode')}: expected one of {', '.join(MODES)}")
-        if "kd_weight" in node:  # the key of earlier versions: its distillation would be dropped silently
-            errors.append("nested.kd_weight: in-place distillation is now the kd group: add kd=kd (kd.temperature=T)")
         return errors
     if node.name == "matryoshka":
         dims = node.get("dims")
@@ -46,19 +45,21 @@ def check(cfg: DictConfig, model: nn.Module) -> None:
     if errors:
         raise UserError(*errors)
     if node.name == "sorted":
-        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        narrower = any(float(w) < 1 for w in node.widths)
+        if narrower and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
             raise UserError(f"nested=sorted slices channels at BatchNorm layers; model {cfg.model.name} has none")
-        wanted = list(node.get("depths") or [1.0])
-        stages = block_stages(model)
-        if wanted != [1.0] and not stages:
+        wanted = [d for d in depths(node) if d < 1]
+        stages = block_stages(model) if hasattr(model, "depth_config") else []
+        if wanted and not stages:
             raise UserError(
-                f"nested.depths={wanted}: model {cfg.model.name} has no residual stages to shorten (the resnets have)"
+                f"nested.depths={list(node.depths)}: model {cfg.model.name} has no residual stages to shorten "
+                "(`block_stages` and `depth_config`, as the resnets have)"
             )
         if stages:
             blocks = [keep_blocks(len(stages[0]), d) for d in depths(node)]
             if len(set(blocks)) < len(blocks):
                 raise UserError(
-                    f"nested.depths={wanted}: two depths keep the same number of blocks per stage "
+                    f"nested.depths={list(node.depths)}: two depths keep the same number of blocks per stage "
                     f"({len(stages[0])} blocks: depths keep {blocks})"
                 )
     elif node.name == "matryoshka":
@@ -98,9 +99,12 @@ def check_kd(cfg: DictConfig) -> list[str]:
 def check_train(cfg: DictConfig) -> list[str]:
     """Validation of `modrun train`: the nested node (against the model on the meta device) and kd."""
     node = cfg.get("nested")
-    errors = check_kd(cfg)
     if node is None or node.name == "none":
+        return check_kd(cfg)
+    errors = check_values(node)  # first: the kd check counts the sizes
+    if errors:
         return errors
+    errors = check_kd(cfg)
     if node.name == "sorted" and cfg.trainer.get("compile"):
         errors.append(
             "trainer.compile=true: nested=sorted masks widths with hooks that a compiled graph does not see; "

@@ -48,6 +48,22 @@ def test_a_masked_size_computes_what_its_cut_out_copy_computes(build, depths):
     )
 
 
+def test_smaller_sizes_leave_the_batchnorm_statistics_to_the_full_model():
+    # so validation during training and the checkpoints measure the full model with its own statistics
+    model, x = resnet20(1, 10, width=0.5).train(), torch.randn(8, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        for width, depth in ((0.5, 1.0), (1.0, 0.34), (0.25, 0.67)):
+            with slim(model, width, depth):
+                model(x)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        model(x)  # the full model's own forward does update them
+    assert not torch.equal(before["stem.1.running_mean"], model.state_dict()["stem.1.running_mean"])
+
+
 @pytest.mark.parametrize("build", [lambda: cnn_small(1, 10, width=16), lambda: resnet20(1, 10, width=0.5)])
 def test_a_cut_out_matryoshka_size_computes_its_prefix_logits(build):
     torch.manual_seed(0)
@@ -189,6 +205,8 @@ def test_sampled_widths_resume_bitwise(tmp_path):
         (["kd=kd"], "kd: modrun train distils in place only between the sizes of nested=sorted"),
         (["nested=sorted", "kd=fitnet"], "kd.terms.fitnet (fitnet): in-place distillation takes logit methods"),
         (["nested=sorted", "nested.widths=[1.0]", "kd=kd"], "has no smaller size to teach"),
+        (["nested=sorted", "kd=kd", "nested.widths=[abc]"], "nested.widths=['abc']: a list of widths"),
+        (["nested=sorted", "model=resnet20", "nested.depths=[]"], "nested.depths=[]: a list of depths"),
         (["nested=sorted", "kd=kd", "kd.temperature=0"], "kd.terms.kd.temperature=0: must be > 0"),
     ],
 )
@@ -204,6 +222,7 @@ def test_bad_sizes_at_eval():
     assert all(f'"{term}_w0.5"' in (Path(run) / "metrics.jsonl").read_text() for term in ("kd", "dist"))
     for args, message in [
         (["nested.width=0.3"], "nested.width=0.3: the run trained the widths [0.5, 1.0]"),
+        (["+nested.width=0.3"], "nested.width=0.3: the run trained the widths [0.5, 1.0]"),
         (["nested.depth=0.5"], "nested.depth=0.5: the run trained the depths [1.0]"),
         (["nested.dim=8"], "a nested=sorted run offers sizes by nested.width / nested.depth"),
         (["nested.width=abc"], "expected a number"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from modrun.checkpoint import seed_everything
 from modrun.distributed import is_main
@@ -31,10 +31,14 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     from modrun.nested_checks import check
 
     check(cfg, model)
-    kd = nested.inplace_terms(cfg.get("kd"), data.num_classes, len(data.train))
+    kd_node = cfg.get("kd")
+    if kd_node is None and float(node.get("kd_weight") or 0) > 0:  # a run started before the kd group did this
+        term = {"name": "kd", "weight": node.kd_weight, "temperature": node.get("temperature", 4.0)}
+        kd_node = OmegaConf.create({"terms": {"kd": term}})
+    kd = nested.inplace_terms(kd_node, data.num_classes, len(data.train))
     objective = nested.NestedObjective(model, node, int(cfg.seed), kd)
     result = fit(cfg, run_dir, objective, data, device, resume)
-    if node.name == "sorted":  # every size updated the shared BatchNorm statistics: the full model's own ones
+    if node.name == "sorted":  # BatchNorm statistics measured as every cut-out size's are (same 20 batches)
         from modrun.data.base import Preprocess
         from modrun.loop import evaluate
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from modrun.errors import UserError
+from modrun.models.stages import PrefixLinear
 from modrun.prune.context import PruneContext
 
 IMPORTANCE = ("l1", "l2", "group_l2", "random")
@@ -27,6 +28,8 @@ class ChannelPruner:
             import torch_pruning as tp
         except ImportError:  # pragma: no cover - it is a dependency, but say what to do if it went missing
             raise UserError("prune=channel needs Torch-Pruning: pip install torch-pruning") from None
+        if any(isinstance(m, PrefixLinear) for m in self.model.modules()):  # its input slice is invisible to the graph
+            raise UserError("prune=channel: this model reads a prefix of its embedding (a matryoshka cut-out)")
         importance = {
             "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
+
+SPLITS = ("val", "test")
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -55,3 +58,18 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30, warmu
             times.append((time.perf_counter() - t0) * 1000)
     model.train(was_training)
     return statistics.median(times)
+
+
+def scores_and_cost(model: nn.Module, data: Any, prep: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """A deployable model's val/test top-1 (eval mode, no augmentation) and its cost: parameters, MACs and
+    batch-1 latency (the rows of nested.json and of a stitch run's summary)."""
+    from modrun.loop import evaluate
+
+    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    row = {f"{split}/top1": evaluate(model, getattr(data, split), prep, batch_size, device)["top1"] for split in SPLITS}
+    return {
+        **row,
+        "params": count_params(model)["params"],
+        "macs": count_macs(model, example),
+        "latency_ms_batch1": latency_ms(model, example),
+    }

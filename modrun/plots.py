@@ -3,10 +3,44 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from modrun.compare import Entry
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only (never a window), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def accuracy_vs_params(
+    rows: list[dict[str, Any]], names: list[str], path: Path, title: str, marked: tuple[int, ...] = ()
+) -> bool:
+    """Test top-1 against parameters, one annotated point per row joined in order of size; rows at the indices
+    in `marked` (e.g. a stitch run's anchors) also as red stars. False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ordered = sorted(rows, key=lambda r: r["params"])
+    ax.plot([r["params"] for r in ordered], [r["test/top1"] for r in ordered], "o-", color="tab:blue")
+    stars = [rows[i] for i in marked]
+    ax.plot([r["params"] for r in stars], [r["test/top1"] for r in stars], "*", ms=14, color="tab:red")
+    for r, name in zip(rows, names, strict=True):
+        ax.annotate(name, (r["params"], r["test/top1"]), fontsize=8)
+    ax.set(xlabel="parameters", ylabel="test top-1 (%)", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> list[tuple[float, float]]:
@@ -22,12 +56,8 @@ def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> li
 
 def plot_comparison(entries: list[Entry], objective: str, direction: str, out: Path) -> list[Path]:
     """curves.png (val top-1 per epoch of every run) and pareto.png (objective against each cost measured)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     from modrun.compare import LATENCY_KEYS, val_curve
 

@@ -132,24 +132,15 @@ def size_row(size: Size) -> dict[str, Any]:
 
 
 def report(cfg: DictConfig, model: nn.Module, data: Any, device: torch.device) -> list[dict[str, Any]]:
-    """Accuracy, parameters, MACs and latency of every size of a nested run, smallest first."""
-    from modrun import cost
+    """Accuracy, parameters, MACs and latency of every size of a nested run, in the order of `sizes`."""
+    from modrun.cost import scores_and_cost
     from modrun.data.base import Preprocess
-    from modrun.loop import evaluate
 
-    prep, bs, rows = Preprocess(data, device), int(cfg.data.eval_batch_size), []
-    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    prep, bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
+    rows = []
     for size in sizes(cfg.nested):
         sub, _ = size_model(model, size, data, prep, int(cfg.data.batch_size))
-        row = size_row(size)
-        for split in ("val", "test"):
-            row[f"{split}/top1"] = evaluate(sub, getattr(data, split), prep, bs, device)["top1"]
-        row.update(
-            params=cost.count_params(sub)["params"],
-            macs=cost.count_macs(sub, example),
-            latency_ms_batch1=cost.latency_ms(sub, example),
-        )
-        rows.append(row)
+        rows.append({**size_row(size), **scores_and_cost(sub, data, prep, bs, device)})
     return rows
 
 
@@ -161,23 +152,9 @@ def label(row: dict[str, Any]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Any) -> bool:
     """Test accuracy against parameters, one point per size (matplotlib is optional)."""
-    try:
-        import matplotlib
+    from modrun.plots import accuracy_vs_params
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ordered = sorted(rows, key=lambda r: r["params"])
-    ax.plot([r["params"] for r in ordered], [r["test/top1"] for r in ordered], "o-")
-    for r in rows:
-        ax.annotate(label(r), (r["params"], r["test/top1"]), fontsize=8)
-    ax.set(xlabel="parameters", ylabel="test top-1 (%)", title="nested sub-networks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return accuracy_vs_params(rows, [label(r) for r in rows], path, "nested sub-networks")
 
 
 def architecture(cfg: DictConfig, model: nn.Module, size: Size) -> dict[str, Any]:

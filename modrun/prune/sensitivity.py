@@ -86,12 +86,10 @@ def suggest(rows: list[dict], base: float, target: float) -> tuple[dict[str, flo
 
 
 def plot(rows: list[dict], base: float, path: Path) -> None:
-    try:
-        import matplotlib
+    from modrun.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         log.info("matplotlib is not installed: sensitivity.png skipped (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))

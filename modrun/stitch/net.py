@@ -92,47 +92,23 @@ class StitchObjective(StepSeeded):
 def report(net: StitchNet, points: list[int], data: Any, device: torch.device, batch_size: int) -> list[dict]:
     """Accuracy, parameters (of the modules a model actually uses), MACs and batch-1 latency of both anchors and
     every stitch point, fewest parameters first."""
-    from modrun import cost
+    from modrun.cost import scores_and_cost
     from modrun.data.base import Preprocess
-    from modrun.loop import evaluate
 
     prep = Preprocess(data, device)
-    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
     models = [("small", None, net.small), ("large", None, net.large)]
     models += [(f"stitch@{k}", k, net.stitched(k)) for k in points]
     rows = []
     for name, k, model in models:
         model.eval()  # a fresh Sequential starts in train mode, and cost.* restores the mode it finds
-        row: dict[str, Any] = {"model": name, "point": k}
-        for split in ("val", "test"):
-            row[f"{split}/top1"] = evaluate(model, getattr(data, split), prep, batch_size, device)["top1"]
-        row.update(
-            params=cost.count_params(model)["params"],
-            macs=cost.count_macs(model, example),
-            latency_ms_batch1=cost.latency_ms(model, example),
-        )
-        rows.append(row)
+        rows.append({"model": name, "point": k, **scores_and_cost(model, data, prep, batch_size, device)})
     net.train(net.training)
     return sorted(rows, key=lambda r: (r["params"], r["model"]))
 
 
 def plot(rows: list[dict[str, Any]], path: Any) -> bool:
-    """Test accuracy against parameters: the stitched models as a line, the anchors as stars."""
-    try:
-        import matplotlib
+    """Test accuracy against parameters: the stitched models as a line, the anchors also as stars."""
+    from modrun.plots import accuracy_vs_params
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["params"] for r in rows], [r["test/top1"] for r in rows], "o-", color="tab:blue", label="stitched")
-    anchors = [r for r in rows if r["point"] is None]
-    ax.plot([r["params"] for r in anchors], [r["test/top1"] for r in anchors], "*", ms=14, color="tab:red")
-    for r in rows:
-        ax.annotate(r["model"], (r["params"], r["test/top1"]), fontsize=8)
-    ax.set(xlabel="parameters", ylabel="test top-1 (%)", title="stitchable network")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    anchors = tuple(i for i, r in enumerate(rows) if r["point"] is None)
+    return accuracy_vs_params(rows, [r["model"] for r in rows], path, "stitchable network", anchors)

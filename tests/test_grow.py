@@ -1,14 +1,13 @@
 """`modrun grow` through the real CLI (stack, net2wider, resume after a kill, eval, bad input), and the maths."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, cli_subprocess, only_run, read_json
+from conftest import cli, only_run, read_json
 from omegaconf import OmegaConf
-from test_resume import _assert_identical, _env, _start, _wait_for_step
+from test_resume import _kill_and_resume, _killed_mid_run
 
 from modrun.grow import grown_node
 from modrun.grow.net2net import net2wider
@@ -175,7 +174,6 @@ def test_sigkill_then_resume_is_identical(tmp_path):
     source = only_run("train").resolve()
     (tmp_path / "slowgrow.py").write_text(SLOW_PLUGIN)
     args = [
-        "grow",
         f"source.run={source}",
         "+imports=[slowgrow]",
         "trainer.epochs=2",
@@ -185,20 +183,8 @@ def test_sigkill_then_resume_is_identical(tmp_path):
         "grow.noise=0.1",
         "data.augment.crop_padding=1",
     ]
-    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=_env(tmp_path, 0))
-    assert ref.returncode == 0, ref.stderr
-    reference = only_run("grow", tmp_path / "ref")
-
-    proc = _start(tmp_path, "killed", 0.02, *args[:1], "--runs-dir", "killed", *args[1:])
-    run = _wait_for_step(tmp_path / "killed", 30, proc)  # mid-epoch 2 (20 steps an epoch)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert read_json(run / "status.json")["state"] == "running"
-    assert 0 < torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] < 40
-
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
-    assert done.returncode == 0, done.stderr
-    _assert_identical(run, reference)  # weights, final/best metrics and every metrics.jsonl record
+    # mid-epoch 2 (20 steps an epoch)
+    run, reference = _kill_and_resume(tmp_path, "grow", args, 30, slow=0.02, killed=_killed_mid_run)
     assert (
         read_json(run / "summary.json")["grown_before_training"]
         == read_json(reference / "summary.json")["grown_before_training"]

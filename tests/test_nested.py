@@ -2,14 +2,13 @@
 size cut out as a physically smaller model, exact resume, bad input."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, cli, cli_subprocess, only_run, read_json
+from conftest import FAST, cli, only_run, read_json
 from safetensors.torch import load_file
-from test_resume import ARGS, PLUGIN, _assert_identical, _env, _start, _wait_for_step
+from test_resume import ARGS, PLUGIN, _kill_and_resume
 
 from modrun import subnet
 from modrun.models.cnn import cnn_small
@@ -171,17 +170,9 @@ def test_matryoshka_run_trains_nested_prefixes_of_the_embedding():
 def test_sampled_widths_resume_bitwise(tmp_path):
     (tmp_path / "slowplugin.py").write_text(PLUGIN)
     args = [*ARGS, "trainer.epochs=2", "nested=sorted", "nested.mode=sample", "nested.widths=[0.25,0.5,0.75]"]
-    ref = cli_subprocess("train", "--runs-dir", "ref", *args, cwd=tmp_path, env=_env(tmp_path, 0))
-    assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path, "killed", 0.02, "train", "--runs-dir", "killed", *args)
-    run = _wait_for_step(tmp_path / "killed", 25, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
-    assert done.returncode == 0, done.stderr
-    _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)
+    run, reference = _kill_and_resume(tmp_path, "train", args, 25, slow=0.02)
     # every size's accuracy too (latencies are measured, so they differ)
-    a, b = (read_json(r / "summary.json")["nested"] for r in (run, only_run(runs_dir=tmp_path / "ref")))
+    a, b = (read_json(r / "summary.json")["nested"] for r in (run, reference))
     assert [x["test/top1"] for x in a] == [x["test/top1"] for x in b]
 
 

@@ -83,6 +83,34 @@ def _assert_identical(a: Path, b: Path) -> None:
     assert records(a) == records(b)
 
 
+def _killed_mid_run(run: Path, steps: int = 40) -> None:
+    """A killed run of `steps` steps: still marked running, its last checkpoint inside the run."""
+    assert read_json(run / "status.json")["state"] == "running"
+    assert 0 < torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] < steps
+
+
+def _kill_and_resume(
+    tmp: Path, command: str, args: list[str], step: int, slow: float = 0.03, phase=None, killed=None
+) -> tuple[Path, Path]:
+    """Run `modrun COMMAND ARGS` to the end (the reference), then again, SIGKILLed once it logged `step` (of
+    `phase`) and resumed; assert both end identical. `killed(run)` checks the killed run before it resumes.
+    Returns (the resumed run, the reference)."""
+    env = _env(tmp, 0)
+    ref = cli_subprocess(command, "--runs-dir", "ref", *args, cwd=tmp, env=env)
+    assert ref.returncode == 0, ref.stderr
+    proc = _start(tmp, "killed", slow, command, "--runs-dir", "killed", *args)
+    run = _wait_for_step(tmp / "killed", step, proc, phase=phase)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if killed is not None:
+        killed(run)
+    done = cli_subprocess("resume", str(run), cwd=tmp, env=env)
+    assert done.returncode == 0, done.stderr
+    reference = only_run(command, runs_dir=tmp / "ref")
+    _assert_identical(reference, run)  # weights, final/best metrics and every metrics.jsonl record
+    return run, reference
+
+
 def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path):
     (tmp_path / "slowplugin.py").write_text(PLUGIN)
     ref = cli_subprocess("train", "--runs-dir", "ref", *ARGS, cwd=tmp_path, env=_env(tmp_path, 0))
@@ -164,15 +192,7 @@ def test_distill_with_cache_and_memory_bank_resumes_bitwise(tmp_path):
         "kd.cache_teacher=true",
         "data.augment.crop_padding=0",
     ]
-    ref = cli_subprocess("distill", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
-    assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path, "killed", 0.03, "distill", "--runs-dir", "killed", *args)
-    run = _wait_for_step(tmp_path / "killed", 31, proc)  # epoch 2: the cache is being read
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr
-    _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)
+    _kill_and_resume(tmp_path, "distill", args, 31)  # epoch 2: the cache is being read
 
 
 def test_m2m_killed_inside_a_stage_phase_resumes_bitwise(tmp_path):
@@ -183,17 +203,12 @@ def test_m2m_killed_inside_a_stage_phase_resumes_bitwise(tmp_path):
     assert teacher.returncode == 0, teacher.stderr
     teacher_run = only_run(runs_dir=tmp_path / "t")
     args = [*ARGS[:3], *ARGS[5:], "trainer.epochs=1", f"teacher.run={teacher_run}", "kd=m2m", "kd.m2m.epochs=2"]
-    ref = cli_subprocess("distill", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
-    assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path, "killed", 0.03, "distill", "--runs-dir", "killed", *args)
-    run = _wait_for_step(tmp_path / "killed", 26, proc, phase="m2m_stage1")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (run / "checkpoints" / "m2m_stage0" / "done.json").exists()
-    assert not (run / "checkpoints" / "m2m_stage1" / "done.json").exists()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr
-    _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)
+
+    def inside_stage_1(run: Path) -> None:
+        assert (run / "checkpoints" / "m2m_stage0" / "done.json").exists()
+        assert not (run / "checkpoints" / "m2m_stage1" / "done.json").exists()
+
+    _kill_and_resume(tmp_path, "distill", args, 26, phase="m2m_stage1", killed=inside_stage_1)
 
 
 def test_gradual_pruning_killed_mid_schedule_resumes_bitwise(tmp_path):
@@ -203,12 +218,4 @@ def test_gradual_pruning_killed_mid_schedule_resumes_bitwise(tmp_path):
     source = cli_subprocess("train", "--runs-dir", "s", *ARGS[:3], "trainer.epochs=1", cwd=tmp_path, env=env)
     assert source.returncode == 0, source.stderr
     args = [*ARGS, f"source.run={only_run(runs_dir=tmp_path / 's')}", "prune=gradual_magnitude", "prune.every=3"]
-    ref = cli_subprocess("prune", "--runs-dir", "ref", *args, cwd=tmp_path, env=env)
-    assert ref.returncode == 0, ref.stderr
-    proc = _start(tmp_path, "killed", 0.03, "prune", "--runs-dir", "killed", *args)
-    run = _wait_for_step(tmp_path / "killed", 23, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr
-    _assert_identical(only_run("prune", runs_dir=tmp_path / "ref"), run)
+    _kill_and_resume(tmp_path, "prune", args, 23)

@@ -3,14 +3,13 @@
 import copy
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, cli_subprocess, only_run, read_json
+from conftest import cli, only_run, read_json
 from omegaconf import OmegaConf
-from test_resume import _assert_identical, _env, _start, _wait_for_step
+from test_resume import _kill_and_resume, _killed_mid_run
 
 from modrun.registry import MODELS
 from modrun.stitch.net import boundary_features, build, least_squares
@@ -149,22 +148,10 @@ StitchNet.forward = forward
 
 def test_sigkill_then_resume_is_identical(anchors, tmp_path):
     (tmp_path / "slowstitch.py").write_text(SLOW_PLUGIN)
-    args = ["stitch", f"anchors=[{anchors[0]},{anchors[1]}]", "+imports=[slowstitch]", "trainer.epochs=2"]
+    args = [f"anchors=[{anchors[0]},{anchors[1]}]", "+imports=[slowstitch]", "trainer.epochs=2"]
     args += ["trainer.checkpoint_every_steps=4", "trainer.log_every_steps=1", "trainer.progress=false"]
-    ref = cli_subprocess(*args[:1], "--runs-dir", "ref", *args[1:], cwd=tmp_path, env=_env(tmp_path, 0))
-    assert ref.returncode == 0, ref.stderr
-    reference = only_run("stitch", tmp_path / "ref")
-
-    proc = _start(tmp_path, "killed", 0.02, *args[:1], "--runs-dir", "killed", *args[1:])
-    run = _wait_for_step(tmp_path / "killed", 30, proc)  # mid-epoch 2 (20 steps an epoch)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert read_json(run / "status.json")["state"] == "running"
-    assert 0 < torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"] < 40
-
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
-    assert done.returncode == 0, done.stderr
-    _assert_identical(run, reference)  # weights, final/best metrics and every metrics.jsonl record
+    # mid-epoch 2 (20 steps an epoch)
+    run, reference = _kill_and_resume(tmp_path, "stitch", args, 30, slow=0.02, killed=_killed_mid_run)
 
     def drop_latency(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "latency_ms_batch1"} for r in rows]

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from modrun.data.base import batches
-from modrun.data.builtin import synthetic
-from modrun.distill.methods_logit import soft_kl
-from modrun.distill.objective import DistillObjective
-from modrun.loop import fit
-from modrun.registry import MODELS
-from modrun.runs import read_metrics
+from modrun.components.data.base import batches
+from modrun.components.data.builtin import synthetic
+from modrun.core.registry import MODELS
+from modrun.core.runfolder import read_metrics
+from modrun.engine.loop import fit
+from modrun.methods.distill.methods_logit import soft_kl
+from modrun.methods.distill.objective import DistillObjective
 
 
 def config(args: argparse.Namespace, cache: bool) -> OmegaConf:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from modrun.data.base import batches
-from modrun.data.builtin import synthetic
-from modrun.loop import Objective, fit
-from modrun.registry import MODELS
+from modrun.components.data.base import batches
+from modrun.components.data.builtin import synthetic
+from modrun.core.registry import MODELS
+from modrun.engine.loop import Objective, fit
 
 
 def make_cfg(args: argparse.Namespace) -> OmegaConf:

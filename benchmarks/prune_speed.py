@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from modrun import cost
-from modrun.prune.context import PruneContext, select_layers
-from modrun.prune.report import latencies
-from modrun.prune.structured import channel
-from modrun.registry import MODELS
+from modrun.core import cost
+from modrun.core.registry import MODELS
+from modrun.methods.prune.context import PruneContext, select_layers
+from modrun.methods.prune.report import latencies
+from modrun.methods.prune.structured import channel
 
 
 def parser() -> argparse.ArgumentParser:

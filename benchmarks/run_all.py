@@ -31,9 +31,9 @@ import distill_speed  # noqa: E402
 import overhead  # noqa: E402
 import prune_speed  # noqa: E402
 
-from modrun.data.builtin import synthetic  # noqa: E402
-from modrun.loop import Objective, fit  # noqa: E402
-from modrun.registry import MODELS  # noqa: E402
+from modrun.components.data.builtin import synthetic  # noqa: E402
+from modrun.core.registry import MODELS  # noqa: E402
+from modrun.engine.loop import Objective, fit  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

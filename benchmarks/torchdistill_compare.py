@@ -2,9 +2,9 @@ r"""modrun against torchdistill 1.1.5 on the same Hinton KD task, in one process
 
 The task: resnet56 teaches resnet20 (modrun's own model definitions, used by both sides, same initial weights),
 loss = cross-entropy + 1.0 * KD (temperature 4), SGD lr 0.05 momentum 0.9 Nesterov wd 5e-4, cosine decay per
-step, batch 128, synthetic 32x32 3-channel images with 10 classes (modrun.data.builtin.synthetic), same
+step, batch 128, synthetic 32x32 3-channel images with 10 classes (modrun.components.data.builtin.synthetic), same
 epochs. torchdistill drives its own DistillationBox (its DataLoader, WeightedSumLoss + KDLoss, its optimiser
-and scheduler set up from a config dict); modrun runs modrun.loop.fit with DistillObjective, cache off and on, as
+and scheduler set up from a config dict); modrun runs modrun.engine.loop.fit with DistillObjective, cache off and on, as
 benchmarks/distill_speed.py does. Both teachers are in eval mode (torchdistill leaves that to its caller).
 Only the training loops are timed (model and box construction excluded); the two sides alternate over
 --repeats and the best time of each is kept. The target is modrun >= 1.3x torchdistill's samples/s.
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, RandomSampler
 
-from modrun.data.base import Data, Preprocess, batches
-from modrun.data.builtin import synthetic
-from modrun.distill.objective import DistillObjective
-from modrun.loop import fit
-from modrun.registry import MODELS
+from modrun.components.data.base import Data, Preprocess, batches
+from modrun.components.data.builtin import synthetic
+from modrun.core.registry import MODELS
+from modrun.engine.loop import fit
+from modrun.methods.distill.objective import DistillObjective
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distill_speed import config as modrun_config  # noqa: E402  (the same modrun side as distill_speed.py)

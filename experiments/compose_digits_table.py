@@ -34,7 +34,7 @@ from typing import Any
 from common import cell, modrun, read, top1
 from omegaconf import OmegaConf
 
-from modrun.nested import keep, keep_blocks
+from modrun.methods.nested.base import keep, keep_blocks
 
 RESNET20_BLOCKS = 3  # residual blocks per stage of resnet20: depth = 6 * blocks + 2
 ALONE = ["trainer.epochs=15"]  # the length of the nested recipes, for the sizes trained alone

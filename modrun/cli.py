@@ -12,7 +12,8 @@ from pathlib import Path
 
 import typer
 
-from modrun.errors import UserError
+from modrun.core.errors import UserError
+from modrun.core.registry import RECIPES
 
 app = typer.Typer(
     help="modrun: experiment runner for model compression research (train, distill, prune, sweep).",
@@ -62,7 +63,7 @@ def _add_run_command(command: str, help_text: str) -> None:
         package: str | None = PACKAGE,
     ) -> None:
         def go() -> int:
-            from modrun.launch import launch, show
+            from modrun.runner.launch import launch, show
 
             ovr = _with_runs_dir(overrides, runs_dir)
             if cfg is not None:
@@ -78,11 +79,9 @@ def _add_run_command(command: str, help_text: str) -> None:
     app.command(command, context_settings={"allow_extra_args": True})(run)
 
 
-_add_run_command("train", "Supervised training of one model (config `train`).")
-_add_run_command("distill", "A student learns from frozen teacher(s) through KD terms (config `distill`).")
-_add_run_command("prune", "Prune a model, recover by fine-tuning or distillation, report cost (config `prune`).")
-_add_run_command("grow", "Grow a trained model deeper (grow=stack) or wider (grow=net2wider), then train it.")
-_add_run_command("stitch", "Stitch two trained anchors (small, large) into networks of every size in between.")
+# one command per registered recipe (declared lazily: no torch imported here)
+for _name, _summary in RECIPES.summaries(declared=True):
+    _add_run_command(_name, _summary)
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -95,7 +94,7 @@ def sweep(
     """Hydra multirun of a command (a=1,2 range() glob() interval(); any launcher or sweeper) into one folder."""
 
     def go() -> int:
-        from modrun.sweep import run_sweep
+        from modrun.runner.sweep import run_sweep
 
         return run_sweep(command, _with_runs_dir(overrides, runs_dir), config_dir)
 
@@ -111,7 +110,7 @@ def validate(
     """Compose and validate a command's config, print it resolved; runs nothing."""
 
     def go() -> int:
-        from modrun.launch import check
+        from modrun.runner.launch import check
 
         typer.echo(check(command, list(overrides or []), config_dir), nl=False)
         typer.echo(f"# {command} config is valid", err=True)
@@ -125,9 +124,9 @@ def resume(run_dir: Path = typer.Argument(..., help="A run folder, or a sweep fo
     """Continue a run from its last checkpoint (identical result); for a sweep, its unfinished jobs."""
 
     def go() -> int:
-        from modrun.launch import resume_run
+        from modrun.runner.sweep import resume
 
-        return resume_run(run_dir)
+        return resume(run_dir)
 
     _guard(go)
 
@@ -137,7 +136,7 @@ def reproduce(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None
     """Re-run a run from its own record into a new folder; warn about changes; diff metrics and weights."""
 
     def go() -> int:
-        from modrun.reproduce import reproduce_run
+        from modrun.runner.reproduce import reproduce_run
 
         return reproduce_run(run_dir)
 
@@ -154,7 +153,7 @@ def evaluate(
     """Evaluate a run's weights, optionally on other data (e.g. data.image_size=16 or data=synthetic)."""
 
     def go() -> int:
-        from modrun.evaluate import evaluate_run
+        from modrun.commands.evaluate import evaluate_run
 
         evaluate_run(run_dir, list(overrides or []), weights, config_dir)
         return 0
@@ -171,7 +170,7 @@ def soup(
     their shared mask)."""
 
     def go() -> int:
-        from modrun.soup import soup_runs
+        from modrun.recipes.soup import soup_runs
 
         return soup_runs(_with_runs_dir(runs_and_overrides, runs_dir))
 
@@ -183,7 +182,7 @@ def list_components(group: str | None = typer.Argument(None, help="models, datas
     """Registered components, with a one-line description each."""
 
     def go() -> int:
-        from modrun.browse import list_registry
+        from modrun.commands.browse import list_registry
 
         list_registry(group)
         return 0
@@ -196,7 +195,7 @@ def runs_list(runs_dir: Path = typer.Argument(Path("runs"), help="The runs folde
     """One line per run folder: command, state, best and final metrics."""
 
     def go() -> int:
-        from modrun.browse import list_runs
+        from modrun.commands.browse import list_runs
 
         list_runs(runs_dir)
         return 0
@@ -214,7 +213,7 @@ def runs_compare(
     """Ranked table of runs (overrides that differ, metrics, mean ± std over seeds), CSV and plots."""
 
     def go() -> int:
-        from modrun.compare import compare
+        from modrun.runner.compare import compare
 
         compare(paths, objective, plots, out)
         return 0
@@ -227,7 +226,7 @@ def runs_show(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None
     """Status, overrides, summary and the last metrics of one run."""
 
     def go() -> int:
-        from modrun.browse import show_run
+        from modrun.commands.browse import show_run
 
         show_run(run_dir)
         return 0

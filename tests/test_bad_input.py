@@ -26,8 +26,8 @@ def _fake_run(folder: Path, overrides: list[str], state: str = "completed", weig
     """A run folder as a finished `modrun train` leaves it (config, status, weights), in milliseconds."""
     from safetensors.torch import save_file
 
-    from modrun.compose import Composer
-    from modrun.pipelines.common import build_model
+    from modrun.components.build import build_model
+    from modrun.runner.compose import Composer
 
     with Composer("train") as composer:
         cfg = composer.compose(overrides)
@@ -208,9 +208,9 @@ BROKEN = ["[1,2", "'abc", '"abc', "{a:1", "]", "a=b", "${", "${nope}", "(1)", "1
 @functools.cache
 def vocabulary(command: str) -> dict:
     """What the fuzzer draws from: keys and values of the composed config, groups and their options, names."""
-    from modrun.checks import dotted_keys
-    from modrun.compose import Composer
-    from modrun.registry import REGISTRIES
+    from modrun.core.registry import REGISTRIES
+    from modrun.runner.checks import dotted_keys
+    from modrun.runner.compose import Composer
 
     with Composer(command) as composer:
         cfg = composer.compose([])
@@ -313,7 +313,7 @@ def _check_validate(command: str, overrides: list[str]) -> None:
         lines = r.err.strip().splitlines()
         assert lines and all(line.startswith("modrun: error: ") for line in lines), (overrides, lines)
         return
-    from modrun.checks import OPTIONAL_NODES, check_config
+    from modrun.runner.checks import OPTIONAL_NODES, check_config
 
     printed = OmegaConf.create(r.out)
     assert isinstance(printed, DictConfig), (overrides, r.out)

@@ -10,7 +10,7 @@ from conftest import FAST, cli, cli_subprocess, only_run, read_json, read_metric
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from modrun.runs import reserve_run_dir
+from modrun.core.runfolder import reserve_run_dir
 
 
 def test_train_writes_complete_run_folder():
@@ -137,7 +137,7 @@ def test_same_second_runs_get_distinct_folders(tmp_path):
 
 def test_user_module_registers_a_model(tmp_path):
     (tmp_path / "my_models.py").write_text(
-        "import torch\nfrom modrun.registry import MODELS\n\n"
+        "import torch\nfrom modrun.core.registry import MODELS\n\n"
         "@MODELS.register('tiny_linear')\n"
         "def tiny_linear(in_channels: int, image_size: int, num_classes: int):\n"
         "    '''One linear layer.'''\n"

@@ -29,8 +29,8 @@ STEPS = 60  # ARGS: 3 epochs of 20 steps (digits, batch 64)
 # run the model hundreds of times and would otherwise dominate every resumed session
 PLUGIN = '''
 import os, time
-from modrun.models.cnn import SmallCNN
-from modrun.registry import MODELS
+from modrun.components.models.cnn import SmallCNN
+from modrun.core.registry import MODELS
 
 class SlowCNN(SmallCNN):
     def forward(self, x):
@@ -66,7 +66,7 @@ def _weights(path: Path, width: int = 8) -> str:
     """Weights of a cnn_small (a teacher, a model to prune) made here: no training run needed."""
     from safetensors.torch import save_file
 
-    from modrun.registry import MODELS
+    from modrun.core.registry import MODELS
 
     torch.manual_seed(1)
     model = MODELS.get("cnn_small")(in_channels=1, num_classes=10, width=width)
@@ -136,8 +136,8 @@ class _SigtermCNN:
 
 
 def _register_sigterm_cnn() -> None:
-    from modrun.models.cnn import SmallCNN
-    from modrun.registry import MODELS
+    from modrun.components.models.cnn import SmallCNN
+    from modrun.core.registry import MODELS
 
     if "sigterm_cnn" in MODELS:
         return
@@ -213,7 +213,7 @@ FULL_ARGS = [*FAST, "trainer.epochs=2", "trainer.checkpoint_every_steps=7", "tra
 @pytestmark_linux
 @pytest.mark.parametrize("stays_full", [True, False], ids=["disk-stays-full", "one-write-fails"])
 def test_full_disk_fails_cleanly_keeps_the_checkpoint_and_resumes(monkeypatch: pytest.MonkeyPatch, stays_full: bool):
-    from modrun import checkpoint
+    from modrun.core import checkpoint
 
     full = DiskFull(after=4, name="last.pt", stays_full=stays_full)  # the 5th checkpoint does not fit
     with monkeypatch.context() as patch:  # (not monkeypatch.undo(): that would undo the test's chdir too)
@@ -264,14 +264,14 @@ def test_full_disk_before_any_work_is_bad_input_and_leaves_no_folder(monkeypatch
 # every clock reading of the run-folder module says the same second, so two runs cannot differ by time
 FROZEN_CLOCK = """
 import datetime as _dt
-import modrun.runs
+import modrun.core.runfolder
 
 class _Frozen(_dt.datetime):
     @classmethod
     def now(cls, tz=None):
         return cls(2030, 1, 2, 3, 4, 5, tzinfo=tz)
 
-modrun.runs.datetime = _Frozen
+modrun.core.runfolder.datetime = _Frozen
 """
 
 

@@ -9,10 +9,10 @@ from conftest import cli, only_run, read_json
 from omegaconf import OmegaConf
 from test_resume import _kill_and_resume, _killed_mid_run
 
-from modrun.grow import grown_node
-from modrun.grow.net2net import net2wider
-from modrun.grow.stack import make_identity, plan, stack
-from modrun.registry import MODELS
+from modrun.core.registry import MODELS
+from modrun.methods.grow import grown_node
+from modrun.methods.grow.net2net import net2wider
+from modrun.methods.grow.stack import make_identity, plan, stack
 
 QUICK = ["trainer.epochs=1", "source.epochs=2", "model.width=8", "trainer.progress=false"]
 RESNET = ["model=resnet20", "model.width=0.25", "trainer.epochs=1", "trainer.progress=false"]
@@ -159,7 +159,7 @@ def test_bad_inputs_are_one_line_and_leave_no_run():
 # slows training steps down from the environment, so that a kill lands mid-run (imported only in subprocesses)
 SLOW_PLUGIN = """
 import os, time
-from modrun.models.cnn import SmallCNN
+from modrun.components.models.cnn import SmallCNN
 _forward = SmallCNN.forward
 def forward(self, x):
     if self.training:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from modrun.distill.base import KDContext, Outputs
-from modrun.registry import KD_METHODS
+from modrun.core.registry import KD_METHODS
+from modrun.methods.distill.base import KDContext, Outputs
 
 Y = torch.tensor([0])
 IDX = torch.tensor([0])
@@ -97,7 +97,7 @@ def test_vid_is_gaussian_negative_log_likelihood():
 
 
 def test_reviewkd_hierarchical_context_loss_and_gradients():
-    from modrun.distill.methods_feature import hcl
+    from modrun.methods.distill.methods_feature import hcl
 
     fs, ft = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
     assert hcl(fs, ft).item() == pytest.approx(1.0)  # full-res MSE 1, pooled 1x1 MSE 1 at weight 1/2: 1.5 / 1.5

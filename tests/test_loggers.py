@@ -13,8 +13,8 @@ import pytest
 from conftest import FAST, cli, only_run, read_json, read_metrics
 from omegaconf import OmegaConf
 
-from modrun.loggers import TensorBoardLogger, metric_items
-from modrun.runs import MetricsWriter
+from modrun.components.loggers import TensorBoardLogger, metric_items
+from modrun.core.runfolder import MetricsWriter
 
 
 def _val_top1(run: Path) -> list[tuple[int, float]]:

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from modrun.data.base import Data, Preprocess, Split, batches, epoch_order
-from modrun.data.builtin import cifar10, digits, synthetic
-from modrun.data.image_folder import image_folder
-from modrun.errors import UserError
-from modrun.registry import MODELS
+from modrun.components.data.base import Data, Preprocess, Split, batches, epoch_order
+from modrun.components.data.builtin import cifar10, digits, synthetic
+from modrun.components.data.image_folder import image_folder
+from modrun.core.errors import UserError
+from modrun.core.registry import MODELS
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_small", "resnet20", "resnet32"])

@@ -10,11 +10,11 @@ from conftest import FAST, cli, only_run, read_json
 from safetensors.torch import load_file
 from test_resume import ARGS, PLUGIN, _kill_and_resume
 
-from modrun import subnet
-from modrun.models.cnn import cnn_small
-from modrun.models.resnet import resnet20
-from modrun.nested import prefix_logits, slim
-from modrun.subnet import cut, extract
+from modrun.components.models.cnn import cnn_small
+from modrun.components.models.resnet import resnet20
+from modrun.methods.nested import subnet
+from modrun.methods.nested.base import prefix_logits, slim
+from modrun.methods.nested.subnet import cut, extract
 
 
 def _trained_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:

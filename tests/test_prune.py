@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, cli, read_json, read_metrics
 from safetensors.torch import load_file
 
-from modrun.prune.unstructured import cubic_sparsity, lamp_scores
+from modrun.methods.prune.unstructured import cubic_sparsity, lamp_scores
 
 QUICK = ["trainer.epochs=1", "source.epochs=2", "model.width=16", "trainer.progress=false"]
 

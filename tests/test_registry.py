@@ -2,8 +2,8 @@ import inspect
 
 import pytest
 
-from modrun.errors import UserError
-from modrun.registry import REGISTRIES, Registry
+from modrun.core.errors import UserError
+from modrun.core.registry import REGISTRIES, Registry
 
 
 def test_register_get_and_duplicates():
@@ -38,7 +38,7 @@ def test_every_builtin_entry_loads_and_is_described():
 
 
 def test_user_component_clashing_with_builtin_is_rejected():
-    from modrun.registry import MODELS
+    from modrun.core.registry import MODELS
 
     with pytest.raises(ValueError, match="already registered"):
         MODELS.register("resnet20")(lambda **kw: None)

@@ -15,8 +15,8 @@ from conftest import FAST, cli, cli_subprocess, only_run, read_json
 # a model that can be slowed down from the environment, so that a kill reliably lands mid-run
 PLUGIN = '''
 import os, time
-from modrun.models.cnn import SmallCNN
-from modrun.registry import MODELS
+from modrun.components.models.cnn import SmallCNN
+from modrun.core.registry import MODELS
 
 class SlowCNN(SmallCNN):
     def forward(self, x):

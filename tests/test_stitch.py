@@ -11,8 +11,8 @@ from conftest import cli, only_run, read_json
 from omegaconf import OmegaConf
 from test_resume import _kill_and_resume, _killed_mid_run
 
-from modrun.registry import MODELS
-from modrun.stitch.net import boundary_features, build, least_squares
+from modrun.core.registry import MODELS
+from modrun.methods.stitch.net import boundary_features, build, least_squares
 
 QUICK = ["trainer.epochs=1", "trainer.progress=false"]
 
@@ -136,7 +136,7 @@ def test_bad_inputs_are_one_line_and_leave_no_run(anchors, tmp_path):
 # slows the stitched network's training steps from the environment, so that a kill lands mid-run
 SLOW_PLUGIN = """
 import os, time
-from modrun.stitch.net import StitchNet
+from modrun.methods.stitch.net import StitchNet
 _forward = StitchNet.forward
 def forward(self, x, point=None):
     if self.training:

@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST, cli, cli_subprocess, read_json
 from test_resume import ARGS, PLUGIN, _env, _start
 
-from modrun.plots import pareto_front
+from modrun.core.plots import pareto_front
 
 
 def only_sweep(runs: Path = Path("runs")) -> Path:
@@ -117,7 +117,7 @@ def test_submitit_local_launcher():
 
 
 def test_slurm_launcher_config_is_shipped():
-    from modrun.compose import Composer
+    from modrun.runner.compose import Composer
 
     with Composer("train") as composer:
         launcher = composer.compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], True, True).hydra.launcher

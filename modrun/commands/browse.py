@@ -1,0 +1,101 @@
+"""Tables for people: registered components, run folders, one run in detail."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from modrun.core.errors import UserError, did_you_mean
+from modrun.core.registry import REGISTRIES
+from modrun.core.runfolder import PREREQUISITES, read_json, read_metrics
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def list_registry(group: str | None) -> None:
+    if group is not None and group not in REGISTRIES:
+        singular = {k.rstrip("s"): k for k in REGISTRIES}
+        if group in singular:
+            group = singular[group]
+        else:
+            raise UserError(f"unknown group '{group}'{did_you_mean(group, REGISTRIES)}")
+    for name in [group] if group else list(REGISTRIES):
+        table = Table(title=name, title_justify="left", show_header=False, box=None, padding=(0, 2))
+        for entry, summary in REGISTRIES[name].summaries():
+            table.add_row(f"[bold]{entry}[/bold]", summary)
+        console.print(table)
+
+
+def find_runs(runs_dir: Path) -> list[Path]:
+    """Run folders under runs_dir (runs/<command>/<run>, and sweep jobs runs/sweeps/<sweep>/<job>), oldest first."""
+    found = {
+        p.parent for pattern in ("*/*/status.json", "sweeps/*/*/status.json") for p in Path(runs_dir).glob(pattern)
+    }
+    # folder names start with their timestamp: a sweep's jobs sort by the sweep's, then by job number
+    return sorted(found, key=lambda p: (p.parent.name, p.name) if p.parent.parent.name == "sweeps" else (p.name, ""))
+
+
+def _summary(run: Path) -> dict:
+    path = run / "summary.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def list_runs(runs_dir: Path) -> None:
+    if not Path(runs_dir).is_dir():
+        raise UserError(f"runs folder '{runs_dir}' does not exist")
+    table = Table("run", "command", "state", "started", "best val/top1", "test/top1", "params")
+    for run in find_runs(runs_dir):
+        status, summary = read_json(run / "status.json"), _summary(run)
+        table.add_row(
+            str(run),
+            status.get("command", "?"),
+            status.get("state", "?"),
+            status.get("started", ""),
+            _fmt(summary.get("best", {}).get("val/top1")),
+            _fmt(summary.get("final", {}).get("test/top1")),
+            _fmt(summary.get("params")),
+        )
+    console.print(table)
+
+
+def _prerequisites(run_dir: Path) -> list[dict]:
+    try:
+        records = read_json(run_dir / PREREQUISITES) if (run_dir / PREREQUISITES).is_file() else []
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def show_run(run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    if not (run_dir / "status.json").is_file():
+        raise UserError(f"'{run_dir}' is not a modrun run folder (no status.json)")
+    status = read_json(run_dir / "status.json")
+    console.print(f"[bold]{run_dir}[/bold]  {status.get('command')}  state={status.get('state')}")
+    if status.get("error"):
+        console.print(f"error: {status['error']}")
+    overrides = (run_dir / "overrides.txt").read_text().split() if (run_dir / "overrides.txt").exists() else []
+    console.print("overrides: " + (" ".join(overrides) or "(none)"))
+    for need in _prerequisites(run_dir):  # the runs this one needed first, and how each was found
+        digest = str(need.get("sha256"))[:12]
+        console.print(f"{need.get('role')}: {need.get('run')} ({need.get('how')}, weights sha256 {digest}...)")
+    summary = _summary(run_dir)
+    if summary:
+        table = Table("metric", "final", "best")
+        keys = sorted(set(summary.get("final", {})) | set(summary.get("best", {})))
+        for k in keys:
+            table.add_row(k, _fmt(summary.get("final", {}).get(k)), _fmt(summary.get("best", {}).get(k)))
+        console.print(table)
+        extras = {k: v for k, v in summary.items() if k not in ("final", "best")}
+        console.print(json.dumps(extras, indent=2))
+    metrics = [m for m in read_metrics(run_dir) if m.get("split") == "val"]
+    if metrics:
+        console.print(f"last val record: {json.dumps(metrics[-1])}")

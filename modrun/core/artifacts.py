@@ -1,0 +1,119 @@
+"""Weights and records that runs leave behind and others read: safetensors/.pt weights (never unpickling code),
+whether they fit a model, a run folder's config and status."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from modrun.core import collectives as distributed
+from modrun.core.errors import UserError
+from modrun.core.runfolder import PREREQUISITES, atomic_write, read_json
+
+
+def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:
+    """config.yaml and status.json of an existing run folder, or a clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "status.json").is_file():
+        raise UserError(f"'{run_dir}' is not a modrun run folder (no config.yaml/status.json)")
+    try:
+        cfg, status = OmegaConf.load(run_dir / "config.yaml"), read_json(run_dir / "status.json")
+    except Exception as e:  # noqa: BLE001 - a damaged record (YAML/JSON errors, unreadable files) is bad input
+        raise UserError(f"'{run_dir}': cannot read config.yaml/status.json ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig) or not isinstance(status, dict):
+        raise UserError(f"'{run_dir}': config.yaml or status.json does not hold a mapping")
+    return cfg, status
+
+
+def save_weights(run_dir: Path, model: nn.Module) -> None:
+    from safetensors.torch import save
+
+    if not distributed.is_main():  # data-parallel: every process holds the same weights; rank 0 writes
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / "model.safetensors", save(tensors))
+
+
+def prerequisite(run_dir: Path, key: str) -> dict | None:
+    """How the run in config key `key` (e.g. teacher.run) was provided: the record of prerequisites.json, or None
+    when the user gave it."""
+    path = Path(run_dir) / PREREQUISITES
+    try:
+        records = read_json(path) if path.is_file() else []
+    except (OSError, ValueError):
+        return None
+    return next((r for r in records if isinstance(r, dict) and r.get("key") == key), None)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_weights(run: Path) -> Path:
+    return Path(run) / "model.safetensors"
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UserError(f"weights in {source} do not fit the model: {detail}") from None
+    return model
+
+
+def fit_problem(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why weights of these shapes do not load into `model` (strictly, like load_state_dict), or None."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in want if k in shapes and shapes[k] != want[k]]
+    parts = [
+        f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a weights file; a .safetensors file is read by its header alone."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - not a safetensors file
+            raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
+    state = load_state(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"'{path}' holds no state dict (a mapping of names to tensors)")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from .safetensors, or from a .pt/.pth (a state dict or a modrun checkpoint), never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no weights file '{path}'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a file that is not safetensors
+            raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
+    from modrun.core import checkpoint
+
+    state = checkpoint.load(path, "cpu")  # its checksum when it has one; weights_only: bad files are UserErrors
+    if isinstance(state, dict) and "modules" in state:
+        state = state["modules"]["model"]
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state

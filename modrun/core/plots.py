@@ -1,0 +1,54 @@
+"""PNG plots of a comparison (matplotlib is an optional extra: without it, no plots and no error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    pass
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing to files only (never a window), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def accuracy_vs_params(
+    rows: list[dict[str, Any]], names: list[str], path: Path, title: str, marked: tuple[int, ...] = ()
+) -> bool:
+    """Test top-1 against parameters, one annotated point per row joined in order of size; rows at the indices
+    in `marked` (e.g. a stitch run's anchors) also as red stars. False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ordered = sorted(rows, key=lambda r: r["params"])
+    ax.plot([r["params"] for r in ordered], [r["test/top1"] for r in ordered], "o-", color="tab:blue")
+    stars = [rows[i] for i in marked]
+    ax.plot([r["params"] for r in stars], [r["test/top1"] for r in stars], "*", ms=14, color="tab:red")
+    for r, name in zip(rows, names, strict=True):
+        ax.annotate(name, (r["params"], r["test/top1"]), fontsize=8)
+    ax.set(xlabel="parameters", ylabel="test top-1 (%)", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> list[tuple[float, float]]:
+    """Points (cost, score) that no other point beats on both: lower cost and better score. Sorted by cost."""
+    front: list[tuple[float, float]] = []
+    best = None
+    for cost, score in sorted(points, key=lambda p: (p[0], -p[1] if maximize else p[1])):
+        if best is None or (score > best if maximize else score < best):
+            front.append((cost, score))
+            best = score
+    return front

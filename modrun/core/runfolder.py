@@ -1,0 +1,283 @@
+"""The run folder: reserve it, write into it atomically, record status, environment and git state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from modrun.core import index
+
+PREREQUISITES = "prerequisites.json"  # the runs this run needed first (written by modrun.runner.prerequisites)
+
+log = logging.getLogger("modrun")
+LOG_FORMAT = "%(asctime)s %(message)s"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temp file in the same folder + os.replace: a kill leaves the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the run folder the user's usual modes
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def reserve_run_dir(runs_dir: Path, command: str, name: str) -> Path:
+    """Create runs/<command>/<timestamp>_<name>; mkdir is the atomic claim, so same-second runs differ."""
+    parent = Path(runs_dir) / command
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{re.sub(r'[^A-Za-z0-9_.=-]+', '-', name).strip('-') or 'run'}"
+    for i in range(1, 10_000):
+        path = parent / (stem if i == 1 else f"{stem}_{i}")
+        try:
+            path.mkdir(parents=True)  # parents again: a failed run beside us may have removed an empty parent
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot reserve a run folder under {parent}")
+
+
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove a run folder in which nothing ran (bad input found late), and runs/<command>/ if now empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        Path(run_dir).parent.rmdir()  # a run reserving beside us re-creates it (reserve_run_dir: parents=True)
+    except OSError:
+        pass  # not empty: other runs live there
+
+
+def set_status(run_dir: Path, state: str, **fields: Any) -> None:
+    """Update status.json, keeping earlier fields (start time, command) unless overwritten."""
+    path = Path(run_dir) / "status.json"
+    status = read_json(path) if path.exists() else {}
+    status.update(state=state, pid=os.getpid(), host=socket.gethostname(), updated=_now(), **fields)
+    if state == "running":
+        status.setdefault("started", _now())
+        status.pop("error", None)
+        status.pop("ended", None)
+    else:
+        status["ended"] = _now()
+    write_json(path, status)
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def env_info() -> dict[str, Any]:
+    """Versions and hardware: what a reader needs to judge whether a result should reproduce."""
+    import importlib.metadata as md
+
+    import torch
+
+    import modrun
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "modrun": modrun.__version__,
+        "argv": sys.argv,
+    }
+    info["packages"] = dict(sorted((d.metadata["Name"] or "?", d.version) for d in md.distributions()))
+    return info
+
+
+def git_info(cwd: Path) -> tuple[dict[str, Any], str] | None:
+    """Commit and dirty state of the user's working directory, or None when it is not a repo."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    diff = git("diff", "HEAD")
+    info = {
+        "commit": commit,
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD").strip(),
+        "dirty": bool(git("status", "--porcelain").strip()),
+        "root": git("rev-parse", "--show-toplevel").strip(),
+    }
+    return info, diff
+
+
+def record_environment(run_dir: Path) -> None:
+    write_json(run_dir / "env.json", env_info())
+    git = git_info(Path.cwd())
+    if git is not None:
+        write_json(run_dir / "git.json", git[0])
+        atomic_write(run_dir / "git.diff", git[1])
+
+
+@contextmanager
+def log_to(run_dir: Path) -> Iterator[None]:
+    """Send modrun's log lines to the console and to log.txt, the same lines in both."""
+    formatter = logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S")
+    file_handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    console = _StderrHandler()
+    for h in (file_handler, console):
+        h.setFormatter(formatter)
+    # a run started inside another (a teacher trained for a distillation) logs to its own folder only
+    outer = list(log.handlers)
+    for h in outer:
+        log.removeHandler(h)
+    for h in (file_handler, console):
+        log.addHandler(h)
+    old_level, log.propagate = log.level, False
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for h in (file_handler, console):
+            log.removeHandler(h)
+            h.close()
+        for h in outer:
+            log.addHandler(h)
+        log.setLevel(old_level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time, so lines printed under a live progress bar stay tidy."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+class MetricsWriter:
+    """metrics.jsonl: one JSON object per line, flushed as written so a killed run keeps its record.
+
+    `sinks` (loggers, see modrun.components.loggers) get each record after the file; used as a context manager, the
+    writer closes them with how the block ended."""
+
+    def __init__(
+        self, path: Path, resume_step: int | None = None, phase: str | None = None, sinks: Sequence[Any] = ()
+    ) -> None:
+        self.path, self.phase, self.sinks = Path(path), phase, list(sinks)
+        if resume_step is not None and self.path.exists():
+            # drop what this phase logged after the checkpoint we resume from: it will be logged again
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip()
+                and _complete(line)
+                and (json.loads(line).get("phase") != phase or json.loads(line)["step"] <= resume_step)
+            ]
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self.t0 = time.time()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.phase:
+            record = {**record, "phase": self.phase}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for sink in self.sinks:  # after the file, which stays the record if a sink fails
+            sink.log(record)
+
+    def close(self, status: str = "completed") -> None:
+        """Close the file and the sinks (once); `status` is completed, interrupted or failed."""
+        self.file.close()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close(status)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+
+        from modrun.core.stopping import Interrupted  # here, not at the top: the run-folder helpers need no torch
+
+        stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+        self.close("completed" if exc is None else "interrupted" if stopped else "failed")
+
+
+def _complete(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:  # a line cut by a kill
+        return False
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and _complete(line)]
+
+
+def write_record(
+    run_dir: Path, cfg: DictConfig, command: str, overrides: list[str], argv: list[str] | None = None
+) -> None:
+    """The files that let anyone see and re-run what was asked: config, overrides, command line, env, git.
+
+    `argv` is the command line that re-runs this one job (a sweep's job: `modrun distill <its overrides>`)."""
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / "overrides.txt", "".join(o + "\n" for o in overrides))
+    atomic_write(run_dir / "command.txt", shlex.join(["modrun", *(argv if argv is not None else sys.argv[1:])]) + "\n")
+    record_environment(run_dir)
+    set_status(run_dir, "created", command=command)
+    if cfg.get("runs_dir"):  # findable by its meaning (a teacher, a model to prune) without reading every folder
+        index.add(cfg.runs_dir, command, index.semantic_key(command, cfg), run_dir)
+
+
+def alive(pid: int | None) -> bool:
+    if not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,18 @@
+"""Reading summary.json: flat metric keys and a sweep's objective value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def objective_value(summary: dict[str, Any], key: str) -> float | None:
+    value = flatten_summary(summary).get(key)
+    return None if value is None else float(value)
+
+
+def flatten_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json as flat columns: final metrics as they are, best ones as best/<key>, scalar extras."""
+    flat: dict[str, Any] = dict(summary.get("final", {}))
+    flat.update({f"best/{k}": v for k, v in summary.get("best", {}).items()})
+    flat.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return flat

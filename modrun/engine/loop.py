@@ -1,0 +1,307 @@
+"""The training loop every pipeline shares. Read it top to bottom: it is the whole story of a run.
+
+A pipeline hands it an `Objective` (the model to train plus how to compute its loss) and the data; the
+loop owns optimisation, evaluation, metrics, checkpoints and the exact-resume bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from modrun.components.data.base import Data, Preprocess, Split, batches, num_batches
+from modrun.components.loggers import build_logger
+from modrun.core import checkpoint
+from modrun.core import collectives as ddp
+from modrun.core.registry import OPTIMIZERS, SCHEDULERS
+from modrun.core.runfolder import MetricsWriter
+from modrun.core.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
+from modrun.engine.progress import Progress
+from modrun.engine.speed import Speed
+
+log = logging.getLogger("modrun")
+
+
+class Objective:
+    """What the loop optimises. `model` is evaluated and saved; `modules` are checkpointed and trained."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss, the logits used for train accuracy, and named loss terms to log.
+
+        `idx` are the samples' indices in the train split (for per-sample state such as caches)."""
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, logits, {}
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (pruning masks hook in here)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond the modules' that a checkpoint must carry (caches, schedules)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class State:
+    step: int = 0
+    epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device, **loader: int
+) -> dict:
+    """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers.
+
+    `loader` (num_workers, prefetch_factor) applies to file-backed splits.
+
+    In a data-parallel run each process evaluates its share and the sums are added up over processes."""
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "top1": 0, "top5": 0, "n": 0}
+    shard = "eval" if ddp.world_size() > 1 else None
+    for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
+        logits = model(prep(x))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
+        sums["top1"] += (top[:, 0] == y).sum().item()
+        sums["top5"] += (top == y[:, None]).any(dim=1).sum().item()
+        sums["n"] += len(y)
+    model.train(was_training)
+    total = {k: float(v) for k, v in ddp.reduce_sums({k: torch.tensor(float(v)) for k, v in sums.items()}).items()}
+    n = max(total["n"], 1)
+    return {"loss": total["loss"] / n, "top1": 100.0 * total["top1"] / n, "top5": 100.0 * total["top5"] / n}
+
+
+def fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    objective: Objective,
+    data: Data,
+    device: torch.device,
+    resume: bool,
+    phase: str | None = None,
+) -> dict:
+    """Train `objective` for cfg.trainer.epochs; return final and best metrics.
+
+    A `phase` (one step of a multi-phase pipeline) keeps its checkpoints in checkpoints/<phase>/ and tags
+    its metrics records, so each phase resumes on its own."""
+    t, seed = cfg.trainer, int(cfg.seed)
+    bs, world, main = int(cfg.data.batch_size), ddp.world_size(), ddp.is_main()
+    # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs
+    steps_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
+    total_steps = int(t.epochs) * steps_per_epoch
+    speed = Speed(t, device)  # precision, compile, channels_last (modrun/speed.py)
+    speed.prepare(objective.model, objective.modules().values())
+    params = [p for m in objective.modules().values() for p in m.parameters() if p.requires_grad]
+    optim_args = {k: v for k, v in cfg.optim.items() if k != "name"}
+    optimizer = OPTIMIZERS.get(cfg.optim.name)(params, **optim_args)
+    sched_args = {k: v for k, v in cfg.sched.items() if k != "name"}
+    scheduler = SCHEDULERS.get(cfg.sched.name)(optimizer, total_steps, steps_per_epoch, **sched_args)
+    aug = cfg.data.get("augment") or {}
+    loader = {"num_workers": int(cfg.data.num_workers), "prefetch_factor": int(cfg.data.get("prefetch_factor", 2))}
+    prep = Preprocess(data, device, int(aug.get("crop_padding", 0)), bool(aug.get("hflip", False)))
+    ckpt_dir = run_dir / "checkpoints" / phase if phase else run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    state = State()
+    if world > 1:  # the same starting weights everywhere, whatever each process built
+        ddp.broadcast_state(objective.modules().values(), buffers_only=False)
+    ckpt = checkpoint.load_last(ckpt_dir, device, run_dir) if resume else None  # else last.prev.pt, said in the log
+    if ckpt is not None:
+        for name, module in objective.modules().items():
+            module.load_state_dict(ckpt["modules"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        speed.load_state_dict(ckpt.get("scaler", {}))
+        objective.load_extra_state(ckpt.get("extra", {}))
+        own = ddp.own_state(ckpt)  # this process's random state and partial sums
+        state = State(**{**ckpt["state"], "sums": own["sums"]})
+        checkpoint.set_rng_state(own["rng"])
+        log.info(f"resumed from step {state.step} (epoch {state.epoch})")
+    resume_step = state.step if resume else None
+    metrics = (  # the logger gets every record; closed with the `with` below
+        MetricsWriter(
+            run_dir / "metrics.jsonl", resume_step, phase, sinks=[build_logger(cfg, run_dir, phase, resume_step)]
+        )
+        if main
+        else ddp.DiscardMetrics()  # rank 0 alone writes the run folder
+    )
+
+    def save(name: str) -> None:
+        # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
+        for module in objective.modules().values():
+            if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
+                raise NonFiniteLoss(f"weights became non-finite by step {state.step}; the last checkpoint is kept")
+        mine = {"rng": checkpoint.rng_state(), "sums": {k: float(v) for k, v in running.items()}}
+        ranks = ddp.gather_objects(mine)  # a data-parallel run resumes each process's own state
+        if not main:
+            return ddp.barrier()
+        checkpoint.save(
+            ckpt_dir / name,
+            {
+                "modules": {k: m.state_dict() for k, m in objective.modules().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": speed.state_dict(),
+                "extra": objective.extra_state(),
+                "state": {**vars(state), "sums": mine["sums"]},
+                "rng": mine["rng"],
+                **({"ranks": ranks} if world > 1 else {}),
+                "data_order": {"seed": seed, "epoch": state.epoch, "batch": state.step - state.epoch * steps_per_epoch},
+            },
+        )
+        ddp.barrier()  # the other processes read checkpoints (best.pt at the end) only once they are written
+
+    # running sums of this epoch's train metrics stay on the device: no host sync per step
+    running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
+
+    def forward_backward(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        with speed.autocast():  # trainer.precision: forward and loss in bf16/fp16, weights stay fp32
+            loss, logits, terms = objective.loss(x, y, idx)
+        optimizer.zero_grad(set_to_none=True)
+        speed.scaler.scale(loss).backward()  # 16-mixed: scaled up so that small fp16 gradients do not vanish
+        return loss, logits, terms
+
+    val: dict[str, float] = {}
+    stop = StopRequest()
+    t0 = time.time()
+    with stop, Progress(total_steps, initial=state.step, enabled=t.progress and main) as bar, metrics:
+        while state.epoch < int(t.epochs):
+            objective.model.train()
+            start = state.step - state.epoch * steps_per_epoch
+            for x, y, idx in batches(
+                data.train,
+                bs,
+                seed=seed,
+                epoch=state.epoch,
+                shuffle=True,
+                drop_last=t.drop_last,
+                start=start,
+                device=device,
+                shard="train" if world > 1 else None,
+                **loader,
+            ):
+                # augmentation is seeded by the step, so a resumed run draws the same crops and flips
+                x = speed.inputs(prep(x, augment_seed=seed * 7919 + state.step))
+                # a compiled model compiles on its first step; if that fails, the step is redone eagerly
+                loss, logits, terms = speed.step(forward_backward, x, y, idx)
+                if world > 1:
+                    ddp.average_gradients(params)
+                if t.grad_clip:
+                    speed.scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                    nn.utils.clip_grad_norm_(params, float(t.grad_clip))
+                speed.scaler.step(optimizer)  # 16-mixed: skipped when the gradients overflowed
+                speed.scaler.update()
+                if world > 1:
+                    ddp.broadcast_state(objective.modules().values())  # rank 0's BatchNorm statistics
+                scheduler.step()
+                state.step += 1
+                objective.after_step(state.step)
+                _accumulate(running, loss, logits, y, terms)
+                bar.update(state.step, f"epoch {state.epoch + 1}/{t.epochs}")
+                # a NaN/inf loss poisons the running sum; checking it only here and before each save avoids a
+                # host sync per step, and no checkpoint is ever written after the loss went bad
+                stopping = ddp.any_rank(stop.requested is not None, device)  # every process stops at one step
+                must_save = (t.checkpoint_every_steps and state.step % int(t.checkpoint_every_steps) == 0) or stopping
+                if state.step % int(t.log_every_steps) == 0 or must_save:
+                    check_finite(ddp.reduce_sums(running), state.step, state.epoch)
+                if state.step % int(t.log_every_steps) == 0:
+                    metrics.write(
+                        {
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            "split": "train",
+                            "loss": loss.item(),
+                            **{k: v.item() for k, v in terms.items()},
+                            "lr": scheduler.get_last_lr()[0],
+                            "time": time.time() - t0,
+                        }
+                    )
+                if must_save:
+                    save("last.pt")
+                if stopping:
+                    raise Interrupted(
+                        f"stopped by {stop.requested or 'another process'} at step {state.step}; resumable"
+                    )
+
+            totals = ddp.reduce_sums(running)  # over every process's share of the epoch
+            check_finite(totals, state.step, state.epoch)
+            train = {k: (v / totals["n"]).item() for k, v in totals.items() if k != "n"}
+            running, state.epoch = {}, state.epoch + 1
+            with speed.eager():
+                val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
+            metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
+            metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
+            log.info(
+                f"epoch {state.epoch}/{t.epochs}  train loss {train['loss']:.4f} top1 {train['top1']:.2f}  "
+                f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}  lr {scheduler.get_last_lr()[0]:.4g}"
+            )
+            if val["top1"] > state.best:
+                state.best, state.best_epoch = val["top1"], state.epoch
+                save("best.pt")
+            save("last.pt")
+
+    speed.release()  # the pipeline gets back a plain module (cost report, saving, a next phase)
+    eval_bs = int(cfg.data.eval_batch_size)
+
+    def test(model: nn.Module) -> dict[str, float]:
+        return {f"test/{k}": v for k, v in evaluate(model, data.test, prep, eval_bs, device, **loader).items()}
+
+    final = {**{f"val/{k}": v for k, v in val.items()}, **test(objective.model)}
+    best = {"epoch": state.best_epoch, "val/top1": state.best}
+    if (ckpt_dir / "best.pt").exists():
+        best_model = _copy_with_weights(
+            objective.model, checkpoint.load(ckpt_dir / "best.pt", device, run_dir)["modules"]["model"]
+        )
+        best.update(test(best_model))
+    return {"final": final, "best": best, "steps": state.step, "epochs": state.epoch}
+
+
+def _accumulate(
+    sums: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+) -> None:
+    n = len(y)
+    new = {
+        "n": n,
+        "loss": loss.detach() * n,
+        "top1": 100.0 * (logits.argmax(1) == y).sum(),
+        **{k: v.detach() * n for k, v in terms.items()},
+    }
+    for k, v in new.items():
+        sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float64, device=y.device)
+
+
+def _copy_with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(weights)
+    return clone

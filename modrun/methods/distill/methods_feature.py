@@ -1,0 +1,164 @@
+"""KD methods over intermediate features: FitNet, attention transfer, similarity preserving, VID, ReviewKD."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modrun.methods.distill.base import KDContext, Outputs, adapter, flat, match_spatial
+
+
+def _spatial(shape: torch.Size) -> tuple[int, int] | None:
+    return tuple(shape[-2:]) if len(shape) == 3 else None
+
+
+class FitNet(nn.Module):
+    """Regress teacher features from student features through a trainable 1x1 adapter (hints)."""
+
+    def __init__(self, ctx: KDContext) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(
+            adapter(s, t) for s, t in zip(ctx.student_shapes, ctx.teacher_shapes, strict=True)
+        )
+        self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = s.logits.new_zeros(())
+        for a, fs, ft, size in zip(self.adapters, s.feats, t.feats, self.sizes, strict=True):
+            out = a(fs)
+            out = match_spatial(out, size) if size else out
+            loss = loss + F.mse_loss(out, ft.reshape(out.shape))
+        return loss
+
+
+def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
+    """Spatial attention: mean over channels of |f|^p, flattened and L2-normalised per sample."""
+    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+class AT(nn.Module):
+    """Attention transfer: match the students' spatial attention maps to the teacher's."""
+
+    def __init__(self, ctx: KDContext, p: float = 2.0) -> None:
+        super().__init__()
+        if any(len(x) != 3 for x in [*ctx.student_shapes, *ctx.teacher_shapes]):
+            raise ValueError("at needs feature maps (C, H, W) at its layers")
+        self.p = p
+        self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = s.logits.new_zeros(())
+        for fs, ft, size in zip(s.feats, t.feats, self.sizes, strict=True):
+            a_s = attention_map(match_spatial(fs, size), self.p)
+            loss = loss + (a_s - attention_map(ft, self.p)).pow(2).mean()
+        return loss
+
+
+class SP(nn.Module):
+    """Similarity preserving: pairs of inputs similar for the teacher should be similar for the student."""
+
+    def __init__(self, ctx: KDContext) -> None:
+        super().__init__()
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = s.logits.new_zeros(())
+        for fs, ft in zip(s.feats, t.feats, strict=True):
+            gs, gt = F.normalize(flat(fs) @ flat(fs).t(), dim=1), F.normalize(flat(ft) @ flat(ft).t(), dim=1)
+            loss = loss + (gs - gt).pow(2).sum() / fs.shape[0] ** 2
+        return loss
+
+
+class VID(nn.Module):
+    """Maximise a Gaussian likelihood of teacher features given student features (learned mean and variance)."""
+
+    def __init__(self, ctx: KDContext, init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.regressors, self.log_scales, self.sizes = nn.ModuleList(), nn.ParameterList(), []
+        for s_shape, t_shape in zip(ctx.student_shapes, ctx.teacher_shapes, strict=True):
+            if len(s_shape) == 3 and len(t_shape) == 3:
+                c_in, c_out = s_shape[0], t_shape[0]
+                self.regressors.append(
+                    nn.Sequential(
+                        nn.Conv2d(c_in, c_out, 1),
+                        nn.ReLU(),
+                        nn.Conv2d(c_out, c_out, 1),
+                        nn.ReLU(),
+                        nn.Conv2d(c_out, c_out, 1),
+                    )
+                )
+                shape = (1, c_out, 1, 1)
+            else:
+                self.regressors.append(adapter(s_shape, t_shape))
+                shape = (1, int(torch.Size(t_shape).numel()))
+            # softplus(log_scale) + eps starts at init_pred_var
+            self.log_scales.append(nn.Parameter(torch.full(shape, math.log(math.exp(init_pred_var - eps) - 1.0))))
+            self.sizes.append(_spatial(t_shape))
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = s.logits.new_zeros(())
+        for reg, log_scale, size, fs, ft in zip(
+            self.regressors, self.log_scales, self.sizes, s.feats, t.feats, strict=True
+        ):
+            mean = reg(fs)
+            mean = match_spatial(mean, size) if size else mean
+            var = F.softplus(log_scale) + self.eps
+            target = ft.reshape(mean.shape)
+            loss = loss + (0.5 * ((mean - target).pow(2) / var + var.log())).mean()
+        return loss
+
+
+class ABF(nn.Module):
+    """Attention-based fusion: merge a level's student feature with the residual coming from deeper levels."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, fuse: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.BatchNorm2d(c_mid))
+        self.conv2 = nn.Sequential(nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.att = nn.Sequential(nn.Conv2d(2 * c_mid, 2, 1), nn.Sigmoid()) if fuse else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv1(x)
+        if self.att is not None and residual is not None:
+            residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
+            z = self.att(torch.cat([x, residual], dim=1))
+            x = x * z[:, :1] + residual * z[:, 1:]
+        return self.conv2(x), x
+
+
+def hcl(fs: torch.Tensor, ft: torch.Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> torch.Tensor:
+    """Hierarchical context loss: MSE at full resolution plus pooled pyramids, halving the weight each level."""
+    loss, weight, total = F.mse_loss(fs, ft), 1.0, 1.0
+    for level in levels:
+        if level >= fs.shape[-1]:
+            continue
+        weight /= 2.0
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+        total += weight
+    return loss / total
+
+
+class ReviewKD(nn.Module):
+    """Knowledge review: deeper student features, fused top-down by ABF modules, match shallower teacher ones."""
+
+    def __init__(self, ctx: KDContext, mid_channels: int = 64) -> None:
+        super().__init__()
+        if any(len(x) != 3 for x in [*ctx.student_shapes, *ctx.teacher_shapes]):
+            raise ValueError("reviewkd needs feature maps (C, H, W) at its layers")
+        n = len(ctx.student_shapes)
+        # built deepest first: the deepest level has nothing to fuse with
+        self.abfs = nn.ModuleList(
+            ABF(ctx.student_shapes[i][0], mid_channels, ctx.teacher_shapes[i][0], fuse=i < n - 1)
+            for i in reversed(range(n))
+        )
+        self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
+
+    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        outs, residual = [], None
+        for abf, feat in zip(self.abfs, reversed(s.feats), strict=True):
+            out, residual = abf(feat, residual)
+            outs.insert(0, out)
+        return sum(hcl(match_spatial(o, size), ft) for o, size, ft in zip(outs, self.sizes, t.feats, strict=True))

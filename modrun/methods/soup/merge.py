@@ -1,0 +1,85 @@
+"""Task-arithmetic merging (Ilharco et al. 2023, "Editing models with task arithmetic"), `soup=task_arithmetic`.
+
+Each fine-tuned run i defines a task vector tau_i = theta_i - theta_base against the common base it started
+from; the merged model is theta_base + scale * sum_i (layer scale) * tau_i. The layer scale of a tensor is
+that of the longest module-path prefix listed in `layer_scales` (1.0 when none matches). With `scale=null`
+the scale is chosen on the validation split from `scale_grid`, as the paper does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modrun.core.errors import UserError
+
+log = logging.getLogger("modrun")
+
+
+def find_base(cfg: DictConfig, ings: list[dict[str, Any]]) -> Path:
+    """`base=RUN_DIR`, or the run every ingredient started from (a prune run's source.run)."""
+    if cfg.base:
+        base = Path(str(cfg.base))
+        if not (base / "model.safetensors").is_file():
+            raise UserError(f"base={cfg.base}: not a run folder with model.safetensors")
+        return base
+    sources = {str(OmegaConf.select(ing["cfg"], "source.run", default=None)) for ing in ings}
+    if len(sources) == 1 and sources != {"None"}:
+        return Path(sources.pop())
+    raise UserError(
+        "soup=task_arithmetic needs the runs' common base: base=RUN_DIR "
+        "(found automatically only when every run was fine-tuned from the same source.run)"
+    )
+
+
+def check_layer_scales(cfg: DictConfig, base: dict[str, torch.Tensor]) -> None:
+    """Every listed module path must hold weights (a typo would silently scale nothing)."""
+    for prefix in cfg.layer_scales or {}:
+        if not any(k == prefix or k.startswith(f"{prefix}.") for k in base):
+            raise UserError(f"layer_scales.{prefix}: no weights under that module path")
+
+
+def layer_scale(key: str, layer_scales: dict[str, float]) -> float:
+    """The scale of the longest listed prefix of a state-dict key (whole path components only)."""
+    best, scale = -1, 1.0
+    for prefix, value in layer_scales.items():
+        if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
+            best, scale = len(prefix), float(value)
+    return scale
+
+
+def merge(
+    base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]], scale: float, layer_scales: dict[str, float]
+) -> dict[str, torch.Tensor]:
+    """base + scale * layer_scale * sum of task vectors, for float tensors; integer buffers from the base."""
+    out = {}
+    for key, b in base.items():
+        if not b.is_floating_point():
+            out[key] = b.clone()
+            continue
+        tau = torch.stack([s[key].float() - b.float() for s in states]).sum(dim=0)
+        out[key] = (b.float() + scale * layer_scale(key, layer_scales) * tau).to(b.dtype)
+    return out
+
+
+def cook(
+    cfg: DictConfig, rows: list[dict], states: list[dict], base: dict[str, torch.Tensor], score: Any
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The merged weights and the scale used (the best of the grid on val when cfg.scale is null)."""
+    layer_scales = {str(k): float(v) for k, v in (cfg.layer_scales or {}).items()}
+    if cfg.scale is not None:
+        return merge(base, states, float(cfg.scale), layer_scales), float(cfg.scale)
+    higher = not cfg.objective.endswith("loss")
+    tried = []
+    for s in cfg.scale_grid:
+        value = score(merge(base, states, float(s), layer_scales), ("val",))[cfg.objective]
+        tried.append((value if higher else -value, float(s)))
+        log.info(f"scale {float(s):g}: {cfg.objective} {value:.4f}")
+    chosen = max(tried)[1]  # ties go to the larger scale
+    for row in rows:
+        row["scale_grid"] = [s for _, s in tried]
+    return merge(base, states, chosen, layer_scales), chosen

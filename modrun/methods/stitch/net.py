@@ -1,0 +1,114 @@
+"""The stitched networks: both anchors' stages, a 1x1 conv per stitch point, its least-squares start, the
+training objective (one point per step) and the report over every point and both anchors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modrun.engine.objectives import StepSeeded
+
+
+class StitchNet(nn.Module):
+    """Both frozen anchors and one stitching layer per point. forward(x, k) runs the small anchor's stages 0..k,
+    the stitch at k, then the large anchor's stages k+1..; without k it runs `self.point` (what the loop's
+    per-epoch validation and the best-checkpoint choice measure: one fixed point, for a comparable curve)."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, channels: dict[int, tuple[int, int]], point: int) -> None:
+        super().__init__()
+        self.small, self.large = small.eval().requires_grad_(False), large.eval().requires_grad_(False)
+        self.stitches = nn.ModuleDict({str(k): nn.Conv2d(cs, cl, 1) for k, (cs, cl) in channels.items()})
+        self.point = point
+
+    def train(self, mode: bool = True) -> StitchNet:
+        super().train(mode)
+        self.small.eval(), self.large.eval()  # frozen anchors: BatchNorm statistics and dropout stay as trained
+        return self
+
+    def stitched(self, k: int) -> nn.Sequential:
+        """The stitched model at point k as one module (it shares the anchors' and the stitch's weights)."""
+        return nn.Sequential(*self.small.stages()[: k + 1], self.stitches[str(k)], *self.large.stages()[k + 1 :])
+
+    def forward(self, x: torch.Tensor, point: int | None = None) -> torch.Tensor:
+        return self.stitched(self.point if point is None else point)(x)
+
+
+@torch.no_grad()
+def boundary_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every stage but the head (the tensors a stitch reads or must reproduce)."""
+    was = model.training
+    model.eval()
+    feats = []
+    for stage in model.stages()[:-1]:
+        x = stage(x)
+        feats.append(x)
+    model.train(was)
+    return feats
+
+
+def least_squares(fs: torch.Tensor, fl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W, b of the 1x1 conv minimising ||[f_s, 1] W - f_l||^2 over every pixel of every sample (float64 on the
+    CPU: post-ReLU features often have dead channels, and gelsd gives the minimum-norm solution regardless)."""
+    cs, cl = fs.shape[1], fl.shape[1]
+    a = fs.permute(0, 2, 3, 1).reshape(-1, cs).double().cpu()
+    a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    b = fl.permute(0, 2, 3, 1).reshape(-1, cl).double().cpu()
+    sol = torch.linalg.lstsq(a, b, driver="gelsd").solution  # (cs + 1, cl)
+    return sol[:-1].T.reshape(cl, cs, 1, 1).float(), sol[-1].float()
+
+
+def build(small: nn.Module, large: nn.Module, points: list[int], x: torch.Tensor) -> StitchNet:
+    """The stitch net with every stitching layer fitted by least squares on the batch `x` (preprocessed)."""
+    fs, fl = boundary_features(small, x), boundary_features(large, x)
+    for k in points:
+        if fs[k].shape[2:] != fl[k].shape[2:]:
+            raise ValueError(f"stitch point {k}: feature maps {tuple(fs[k].shape)} vs {tuple(fl[k].shape)}")
+    net = StitchNet(small, large, {k: (fs[k].shape[1], fl[k].shape[1]) for k in points}, points[len(points) // 2])
+    with torch.no_grad():
+        for k in points:
+            w, b = least_squares(fs[k], fl[k])
+            conv = net.stitches[str(k)]
+            conv.weight.copy_(w), conv.bias.copy_(b)
+    return net.to(x.device)
+
+
+class StitchObjective(StepSeeded):
+    """Cross-entropy of one stitch point per step, drawn from a generator seeded by (seed, step): resumable."""
+
+    def __init__(self, net: StitchNet, points: list[int], seed: int) -> None:
+        super().__init__(net)
+        self.points, self.seed, self.step = points, seed, 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.step)
+        k = self.points[int(torch.randint(len(self.points), (1,), generator=gen))]
+        logits = self.model(x, point=k)
+        return F.cross_entropy(logits, y), logits, {}
+
+
+def report(net: StitchNet, points: list[int], data: Any, device: torch.device, batch_size: int) -> list[dict]:
+    """Accuracy, parameters (of the modules a model actually uses), MACs and batch-1 latency of both anchors and
+    every stitch point, fewest parameters first."""
+    from modrun.components.data.base import Preprocess
+    from modrun.engine.evaluation import scores_and_cost
+
+    prep = Preprocess(data, device)
+    models = [("small", None, net.small), ("large", None, net.large)]
+    models += [(f"stitch@{k}", k, net.stitched(k)) for k in points]
+    rows = []
+    for name, k, model in models:
+        model.eval()  # a fresh Sequential starts in train mode, and cost.* restores the mode it finds
+        rows.append({"model": name, "point": k, **scores_and_cost(model, data, prep, batch_size, device)})
+    net.train(net.training)
+    return sorted(rows, key=lambda r: (r["params"], r["model"]))
+
+
+def plot(rows: list[dict[str, Any]], path: Any) -> bool:
+    """Test accuracy against parameters: the stitched models as a line, the anchors also as stars."""
+    from modrun.core.plots import accuracy_vs_params
+
+    anchors = tuple(i for i, r in enumerate(rows) if r["point"] is None)
+    return accuracy_vs_params(rows, [r["model"] for r in rows], path, "stitchable network", anchors)

@@ -1,0 +1,156 @@
+"""`modrun prune`: prune a trained model, recover by fine-tuning or distillation, report accuracy, size, speed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from modrun.components.build import build_data, build_model, model_from_run, resolve_device
+from modrun.components.data.base import Preprocess
+from modrun.components.shapes import SHAPES_FILE, changed_shapes, layer_shapes
+from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
+from modrun.core.checkpoint import seed_everything
+from modrun.core.errors import UserError
+from modrun.core.registry import PRUNERS
+from modrun.core.runfolder import atomic_write, write_json
+from modrun.engine.loop import Objective, evaluate, fit
+from modrun.methods.distill.objective import DistillObjective
+from modrun.methods.distill.teachers import own_training
+from modrun.methods.prune import RUNNER_KEYS
+from modrun.methods.prune.checks import check
+from modrun.methods.prune.context import PruneContext, select_layers
+from modrun.methods.prune.imp import IMPPruner, run_rounds
+from modrun.methods.prune.report import NOTE_UNSTRUCTURED, latencies, measure, print_report
+from modrun.recipes.base import Need, Recipe
+
+log = logging.getLogger("modrun")
+
+
+class PruneObjective(Objective):
+    """Any objective (fine-tuning, distillation) with the pruner's masks re-applied after every step."""
+
+    def __init__(self, inner: Objective, pruner: Any) -> None:
+        super().__init__(inner.model)
+        self.inner, self.pruner = inner, pruner
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return self.inner.modules()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return self.inner.loss(x, y, idx)
+
+    def after_step(self, step: int) -> None:
+        self.inner.after_step(step)
+        self.pruner.after_step(step)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**self.inner.extra_state(), "pruner": self.pruner.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.inner.load_extra_state(state)
+        if "pruner" in state:
+            self.pruner.load_state_dict(state["pruner"])
+
+
+def load_source(cfg: DictConfig, run_dir: Path, data: Any, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model to prune: from a run folder (given, or trained first by the runner) or a weights file for `model`."""
+    s = cfg.source
+    if s.checkpoint:
+        model = load_into(build_model(cfg.model, data), load_state(s.checkpoint), str(s.checkpoint))
+        return model.to(device), {"source": "checkpoint", "checkpoint": str(s.checkpoint)}
+    model, record = model_from_run(s.run, data, device, "source.run")
+    if prerequisite(run_dir, "source.run") is not None:
+        record = {**record, "source": "trained", "run": str(s.run)}
+    return model, record
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """With neither source.run nor source.checkpoint, `model` is trained first (source.seed, source.epochs)."""
+    s = cfg.source
+    if s.run or s.checkpoint:
+        return []
+    nodes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data")}
+    return [Need("source", "source.run", "train", own_training(s), nodes)]
+
+
+def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
+    device = resolve_device(cfg.device)
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    data = build_data(cfg).to(device)
+    model, record = load_source(cfg, run_dir, data, device)
+    write_json(run_dir / "source.json", record)
+    dense = copy.deepcopy(model).eval().requires_grad_(False)
+    prep, eval_bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
+    dense_cost = {
+        **measure(dense, data.channels, data.image_size),
+        "test_top1": evaluate(dense, data.test, prep, eval_bs, device)["top1"],
+    }
+
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))  # the same start, source trained here or not
+    p = cfg.prune
+    targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
+    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
+    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir)
+    pruner = PRUNERS.get(p.name)(ctx, **args)
+    if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
+        result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
+        return {**result, "final": {"val/top1": result["base_val_top1"]}, "dense": dense_cost}
+    steps = int(cfg.trainer.epochs) * -(-len(data.train) // int(cfg.data.batch_size))
+    pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
+    if pruner.structured:
+        shapes = changed_shapes(layer_shapes(dense), layer_shapes(model))
+        atomic_write(run_dir / SHAPES_FILE, json.dumps(shapes, indent=2) + "\n")
+        log.info(
+            f"channel pruning changed {len(shapes)} layers; parameters {dense_cost['params']:,} -> "
+            f"{sum(q.numel() for q in model.parameters()):,}"
+        )
+
+    recover = cfg.recover.name
+    if recover == "none":
+        if getattr(pruner, "schedule", None) or isinstance(pruner, IMPPruner):
+            raise UserError(f"prune={p.name} prunes during training; use recover=finetune or recover=distill")
+        result = {
+            "final": {
+                f"{split}/{k}": v
+                for split in ("val", "test")
+                for k, v in evaluate(model, getattr(data, split), prep, eval_bs, device).items()
+            }
+        }
+    else:
+
+        def train(phase: str | None = None) -> dict:
+            inner = (
+                Objective(model)
+                if recover == "finetune"
+                else DistillObjective(model, [dense], cfg.kd, data, device, run_dir)
+            )
+            return fit(cfg, run_dir, PruneObjective(inner, pruner), data, device, resume, phase=phase)
+
+        result = run_rounds(pruner, train, int(cfg.seed), device) if isinstance(pruner, IMPPruner) else train()
+    pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
+    save_weights(run_dir, model)
+    pruned_cost = {**measure(model, data.channels, data.image_size), "test_top1": result["final"]["test/top1"]}
+    timed = latencies({"dense": dense, "pruned": model}, data.channels, data.image_size, device)
+    dense_cost.update(timed["dense"])
+    pruned_cost.update(timed["pruned"])
+    print_report(dense_cost, pruned_cost, pruner.structured)
+    return {
+        **result,
+        **{k: v for k, v in pruned_cost.items() if k != "test_top1"},
+        "dense": dense_cost,
+        "pruned": pruned_cost,
+        "speedup_cpu_b64": dense_cost["latency_ms_cpu_b64"] / pruned_cost["latency_ms_cpu_b64"],
+        "layer_sparsity": pruner.layer_sparsity(),
+        "structured": pruner.structured,
+        **({} if pruner.structured else {"note": NOTE_UNSTRUCTURED}),
+    }
+
+
+RECIPE = Recipe(run=prune, check=check, needs=needs)

@@ -1,0 +1,181 @@
+"""The only module that talks to Hydra: compose configs, run a job, run a multirun, print `--cfg`.
+
+Every argument after a command is a Hydra override, parsed and applied by Hydra itself, so the whole
+override grammar (and later launchers and sweepers) comes from Hydra rather than a parser of ours.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from modrun.core.errors import UserError
+
+CONFIG_MODULE = "pkg://modrun.conf"
+
+
+def search_path(config_dir: str | Path | None) -> Any:
+    """The packaged config tree, with the user's own (`--config-dir`) searched first so that its files overlay ours."""
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    path = create_config_search_path(CONFIG_MODULE)
+    if config_dir is not None:
+        folder = os.path.abspath(config_dir)
+        if not os.path.isdir(folder):
+            raise UserError(f"--config-dir: '{config_dir}' is not a directory")
+        path.prepend(provider="command-line", path=f"file://{folder}", anchor=SearchPathQuery(provider="main"))
+    return path
+
+
+def compose_plain(command: str, overrides: list[str], config_dir: str | Path | None = None) -> DictConfig:
+    """A command's config composed with `overrides`, without Hydra's node and without touching Hydra's global
+    state (so it works inside a running Hydra job, e.g. for a run that another run needs first)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    loader = ConfigLoaderImpl(config_search_path=search_path(config_dir))
+    try:
+        cfg = loader.load_configuration(config_name=command, overrides=list(overrides), run_mode=RunMode.RUN)
+    except (HydraException, ValueError, KeyError) as e:
+        raise UserError(_first_line(e)) from None
+    _check_hydra_node(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+class Composer:
+    """A Hydra instance for one command's primary config (`train.yaml`, ...), with the user's tree on top."""
+
+    def __init__(self, command: str, config_dir: str | Path | None = None) -> None:
+        from hydra._internal.hydra import Hydra
+
+        self.command, self.config_dir = command, config_dir
+        GlobalHydra.instance().clear()
+        self.hydra = Hydra.create_main_hydra2(task_name=command, config_search_path=search_path(config_dir))
+
+    def __enter__(self) -> Composer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        GlobalHydra.instance().clear()
+
+    def groups(self) -> list[str]:
+        """Config groups of the tree (model, data, ...), nested ones with slashes; Hydra's own left out."""
+        from hydra.core.object_type import ObjectType
+
+        # the loader's repository itself: loader.list_groups() deep-copies it on every call (~10 ms each)
+        repository = self.hydra.config_loader.repository
+
+        def walk(parent: str) -> list[str]:
+            found = []
+            for name in repository.get_group_options(parent, ObjectType.GROUP):
+                group = f"{parent}/{name}" if parent else name
+                if group != "hydra":
+                    found += [group, *walk(group)]
+            return found
+
+        return walk("")
+
+    def options(self, group: str) -> list[str]:
+        return self.hydra.config_loader.repository.get_group_options(group)  # see groups()
+
+    def parse(self, overrides: list[str]) -> list[Override]:
+        try:  # with the config loader, a sweep's glob(...) over a group's options can be expanded
+            return OverridesParser.create(config_loader=self.hydra.config_loader).parse_overrides(overrides)
+        except OverrideParseException as e:
+            raise UserError(f"bad override syntax: {str(e).splitlines()[0]}") from None
+
+    def compose(self, overrides: list[str], with_hydra: bool = False, sweep: bool = False) -> DictConfig:
+        try:
+            cfg = self.hydra.compose_config(
+                self.command,
+                overrides,
+                run_mode=RunMode.MULTIRUN if sweep else RunMode.RUN,
+                validate_sweep_overrides=not sweep,
+            )
+        except (HydraException, ValueError, KeyError) as e:
+            raise UserError(_first_line(e)) from None
+        _check_hydra_node(cfg)
+        if not with_hydra:
+            with open_dict(cfg):
+                del cfg["hydra"]
+        return cfg
+
+    def run(self, overrides: list[str], run_dir: Path, task: Callable[[DictConfig], int]) -> int:
+        """Run `task` as one Hydra job whose output folder is `run_dir` (Hydra writes .hydra/ there)."""
+        run_override = f"hydra.run.dir={_quote(str(run_dir))}"
+        raised: list[BaseException] = []
+
+        def guarded(cfg: DictConfig) -> Any:
+            # Hydra would print "Error executing job with overrides: ..." before re-raising a job's exception;
+            # bad input found late must stay one `modrun: error:` line, so the exception goes round Hydra
+            try:
+                return task(cfg)
+            except BaseException as e:
+                raised.append(e)
+                return 1
+
+        ret = self.hydra.run(self.command, guarded, [*overrides, run_override], with_log_configuration=True)
+        if raised:
+            raise raised[0]
+        return int(ret.return_value)
+
+    def multirun(self, overrides: list[str], sweep_dir: Path, task: Callable[[DictConfig], Any]) -> Any:
+        """Hand `overrides` to Hydra's configured sweeper and launcher; each job's folder is inside `sweep_dir`."""
+        where = [f"hydra.sweep.dir={_quote(str(sweep_dir))}", "hydra.sweep.subdir='${modrun_job_dir:${hydra.job.num}}'"]
+        try:
+            return self.hydra.multirun(self.command, task, [*overrides, *where], with_log_configuration=True)
+        except HydraException as e:
+            raise UserError(_first_line(e)) from None
+
+    def show(self, overrides: list[str], cfg_type: str, package: str | None, resolve: bool) -> None:
+        if cfg_type not in ("job", "hydra", "all"):
+            raise UserError(f"--cfg must be job, hydra or all, got '{cfg_type}'")
+        try:
+            self.hydra.show_cfg(self.command, overrides, cfg_type=cfg_type, package=package, resolve=resolve)
+        except (HydraException, ValueError) as e:
+            raise UserError(_first_line(e)) from None
+
+
+def _check_hydra_node(cfg: DictConfig) -> None:
+    """What Hydra itself would do beyond our contract: run code named in a config (callbacks are
+    instantiated from `_target_`), or change the working directory."""
+    if OmegaConf.select(cfg, "hydra.callbacks"):
+        raise UserError("hydra.callbacks: modrun runs no code named in a config (callbacks are _target_ classes)")
+    if OmegaConf.select(cfg, "hydra.job.chdir"):
+        raise UserError("hydra.job.chdir=true: a modrun run never changes directory; it writes into its run folder")
+
+
+def job_dir_name(num: int | str) -> str:
+    """A sweep job's folder: zero-padded so that a file browser lists jobs in order."""
+    return f"{int(num):03d}"
+
+
+# resolved by Hydra inside each job, in whatever process the launcher starts: registered on import, and the
+# sweep's task lives in modrun.runner.sweep, which imports this module wherever the task is unpickled
+OmegaConf.register_new_resolver("modrun_job_dir", job_dir_name, replace=True)
+
+
+def _quote(value: str) -> str:
+    """Quote a path for Hydra's override grammar (spaces, commas and '=' would otherwise split it)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def hydra_free_copy(cfg: DictConfig) -> DictConfig:
+    """A plain config with every ${hydra:...} interpolation resolved, safe to keep after Hydra is gone."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -1,0 +1,246 @@
+"""`modrun sweep COMMAND OVERRIDES`: a Hydra multirun of one pipeline into one sweep folder.
+
+Hydra's sweeper expands the overrides (basic grid, optuna, ...) and its launcher starts the jobs (in this
+process, joblib workers, submitit/SLURM). Each job calls `SweepJob` with its composed config; the job runs
+the ordinary pipeline into its own run folder inside the sweep folder and records how it ended in
+sweep.json and summary.csv. A job that fails is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from modrun.core.errors import UserError
+from modrun.core.runfolder import read_json, reserve_run_dir
+from modrun.core.summary import objective_value
+from modrun.runner.compose import hydra_free_copy, job_dir_name
+from modrun.runner.sweepdir import job_state, now, update_job, update_sweep, write_sweep
+
+# Hydra plugins behind the launcher/sweeper choices users type, and the modrun extra that installs each
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "sweep"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
+
+
+def check_plugins(overrides: list[str]) -> None:
+    """A launcher or sweeper whose plugin is not installed: say which extra installs it."""
+    from importlib.util import find_spec
+
+    for line in overrides:
+        module, extra = PLUGINS.get(line.replace(" ", ""), (None, None))
+        if module and find_spec(module) is None:
+            raise UserError(f"{line} needs a Hydra plugin that is not installed: pip install 'modrun[{extra}]'")
+
+
+def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None) -> int:
+    """Validate every swept value, reserve the sweep folder, hand the jobs to Hydra. Returns the exit code."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from modrun.runner.launch import composer_for
+    from modrun.runner.validate import validate_sweep
+
+    check_plugins(overrides)
+    with composer_for(command, config_dir) as composer:
+        first_cfg, lines = validate_sweep(composer, overrides)
+        hydra_cfg = composer.compose(lines, with_hydra=True, sweep=True).hydra
+        objective, direction = str(first_cfg.sweep.objective), str(first_cfg.sweep.direction)
+        if direction not in ("maximize", "minimize"):
+            raise UserError(f"sweep.direction={direction}: must be maximize or minimize")
+        sweeper = str(hydra_cfg.sweeper._target_).rsplit(".", 1)[-1]
+        launcher = str(hydra_cfg.launcher._target_).rsplit(".", 1)[-1]
+        optimizing = sweeper != "BasicSweeper"  # optuna and the like read each job's return value
+        if sweeper == "OptunaSweeper" and not any(line.startswith("hydra.sweeper.direction=") for line in lines):
+            lines.append(f"hydra.sweeper.direction={direction}")  # optuna optimises the sweep's own objective
+        jobs = []
+        if sweeper == "BasicSweeper":  # the grid is known before it runs: list every job as pending
+            task_lines = [line for line in lines if not _is_hydra_line(line)]
+            grid = BasicSweeper.split_arguments(composer.parse(task_lines), None)[0]
+            jobs = [
+                {"num": i, "run_dir": job_dir_name(i), "overrides": o, "state": "pending"} for i, o in enumerate(grid)
+            ]
+        sweep_dir = reserve_run_dir(Path(first_cfg.runs_dir), "sweeps", f"{command}_{first_cfg.name}")
+        record = {
+            "command": command,
+            "argv": ["modrun", *sys.argv[1:]],
+            "overrides": overrides,
+            "hydra_overrides": lines,
+            "sweeper": sweeper,
+            "launcher": launcher,
+            "objective": objective,
+            "direction": direction,
+            "state": "running",
+            "created": now(),
+            "jobs": jobs,
+        }
+        write_sweep(sweep_dir, record)
+        _say(f"sweep {sweep_dir}: {len(jobs) or 'up to ' + str(hydra_cfg.sweeper.get('n_trials', '?'))} jobs")
+        task = SweepJob(command, sweep_dir, objective, direction, optimizing, _threads_per_job(hydra_cfg, len(jobs)))
+        try:
+            composer.multirun(lines, sweep_dir, task)
+        except KeyboardInterrupt:
+            update_sweep(sweep_dir, state="interrupted")
+            _say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
+            return 130
+    return finish(sweep_dir)
+
+
+def finish(sweep_dir: Path) -> int:
+    """Mark the sweep completed or failed from its jobs, print the ranked table; 1 when any job failed."""
+    from modrun.runner.compare import compare
+
+    data = read_json(sweep_dir / "sweep.json")
+    states = [job_state(sweep_dir, j) for j in data["jobs"]]
+    failed = [j["num"] for j, s in zip(data["jobs"], states, strict=True) if s != "completed"]
+    update_sweep(sweep_dir, state="failed" if failed else "completed", ended=now())
+    compare([sweep_dir], plots=False)
+    if failed:
+        _say(
+            f"{len(failed)} of {len(states)} jobs did not complete ({failed}); `modrun resume {sweep_dir}` reruns them"
+        )
+        return 1
+    _say(f"sweep completed: {sweep_dir}")
+    return 0
+
+
+class SweepJob:
+    """One job of a sweep, called by the launcher (maybe in another process) with the job's composed config."""
+
+    def __init__(
+        self, command: str, sweep_dir: Path, objective: str, direction: str, optimizing: bool, threads: int = 0
+    ) -> None:
+        self.command, self.sweep_dir = command, Path(sweep_dir).absolute()
+        self.objective, self.direction, self.optimizing, self.threads = objective, direction, optimizing, threads
+
+    def __call__(self, job_cfg: DictConfig) -> float | int:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        num, run_dir, overrides = int(hc.job.num), Path(hc.runtime.output_dir), list(hc.overrides.task)
+        _say(f"job {job_dir_name(num)}: {shlex.join(overrides)}")
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        update_job(self.sweep_dir, num, run_dir=run_dir.name, overrides=overrides, state="running", started=now())
+        code = run_job(self.command, hydra_free_copy(job_cfg), run_dir, overrides)
+        value = self.record_end(num, run_dir, code)
+        if code == 130:
+            raise KeyboardInterrupt  # Ctrl-C stops the whole sweep, as it would a single run
+        if not self.optimizing:
+            return code
+        # a sweeper that optimises needs a number: a failed job counts as the worst possible result
+        worst = -math.inf if self.direction == "maximize" else math.inf
+        return worst if value is None else value
+
+    def record_end(self, num: int, run_dir: Path, code: int) -> float | None:
+        state = job_state(self.sweep_dir, {"run_dir": run_dir.name, "state": "failed"})
+        summary_path = run_dir / "summary.json"
+        value = objective_value(read_json(summary_path), self.objective) if summary_path.exists() else None
+        update_job(self.sweep_dir, num, state=state, exit_code=code, objective=value, ended=now())
+        return value
+
+
+def run_job(command: str, cfg: DictConfig, run_dir: Path, overrides: list[str]) -> int:
+    """The pipeline of one job into `run_dir`; never raises for the job's own failures (they are recorded)."""
+    from modrun.core.runfolder import write_record
+    from modrun.runner.lifecycle import execute
+
+    try:
+        write_record(run_dir, cfg, command, overrides, argv=[command, *overrides])
+        return execute(command, cfg, run_dir)
+    except UserError as e:  # bad input found late, e.g. a file one job names is missing
+        _say(f"job {run_dir.name}: error: {'; '.join(e.messages)}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def resume_sweep(sweep_dir: Path) -> int:
+    """Rerun, in this process and in order, the jobs of a sweep that did not complete; then rank them all."""
+    from modrun.core.artifacts import load_run_config
+    from modrun.runner.launch import composer_for, resume_run
+
+    try:
+        data = read_json(sweep_dir / "sweep.json")
+        task = SweepJob(data["command"], sweep_dir, data["objective"], data["direction"], optimizing=False)
+        if not all(isinstance(j, dict) and {"num", "run_dir", "overrides"} <= set(j) for j in data["jobs"]):
+            raise ValueError("a job without num, run_dir or overrides")
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a damaged record is bad input, not a crash
+        raise UserError(f"{sweep_dir}/sweep.json cannot be read as a sweep record ({type(e).__name__}: {e})") from None
+    todo = [j for j in data["jobs"] if job_state(sweep_dir, j) != "completed"]
+    if not todo and data["jobs"]:
+        _say(f"{sweep_dir}: every job already completed")
+    update_sweep(sweep_dir, state="running")
+    for job in todo:
+        run_dir = sweep_dir / job["run_dir"]
+        _say(f"job {job['run_dir']}: {shlex.join(job['overrides'])}")
+        update_job(sweep_dir, job["num"], state="running", started=now())
+        try:
+            if (run_dir / "config.yaml").is_file() and (run_dir / "status.json").is_file():
+                load_run_config(run_dir)
+                code = resume_run(run_dir)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with composer_for(data["command"], None) as composer:
+                    code = composer.run(job["overrides"], run_dir, _Fresh(data["command"], run_dir, job["overrides"]))
+        except KeyboardInterrupt:
+            code = 130
+        task.record_end(job["num"], run_dir, code)
+        if code == 130:
+            update_sweep(sweep_dir, state="interrupted")
+            return 130
+    return finish(sweep_dir)
+
+
+class _Fresh:
+    """A job that never started, run now as a Hydra job into its reserved folder."""
+
+    def __init__(self, command: str, run_dir: Path, overrides: list[str]) -> None:
+        self.command, self.run_dir, self.overrides = command, run_dir, overrides
+
+    def __call__(self, job_cfg: DictConfig) -> int:
+        return run_job(self.command, hydra_free_copy(job_cfg), self.run_dir, self.overrides)
+
+
+def _threads_per_job(hydra_cfg: DictConfig, n_jobs: int) -> int:
+    """CPU threads per job when a launcher runs jobs side by side on this machine (0: leave torch's default).
+
+    Two jobs each spinning as many threads as there are cores slow each other down by orders of magnitude;
+    joblib's workers limit themselves, submitit's local processes do not."""
+    target = str(hydra_cfg.launcher._target_)
+    if not target.endswith("LocalLauncher") or "submitit" not in target:
+        return 0
+    parallel = min(
+        n_jobs or int(hydra_cfg.sweeper.get("n_jobs", 1)), int(hydra_cfg.launcher.get("array_parallelism", 1))
+    )
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / "sweep.json").is_file()
+
+
+def _is_hydra_line(line: str) -> bool:
+    key = line.lstrip("~+").split("=", 1)[0]
+    return key.startswith("hydra.") or key.startswith("hydra/")
+
+
+def _say(message: str) -> None:
+    print(f"[sweep] {message}", file=sys.stderr, flush=True)
+
+
+def resume(path: Path) -> int:
+    """`modrun resume PATH`: a sweep folder's unfinished jobs, or one run folder."""
+    from modrun.runner.launch import resume_run
+
+    return resume_sweep(Path(path)) if is_sweep_dir(path) else resume_run(Path(path))

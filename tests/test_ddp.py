@@ -56,7 +56,7 @@ def test_killed_data_parallel_run_resumes_bitwise(tmp_path):
 
 
 def test_distill_on_two_processes_trains_its_teacher_once():
-    r = cli("distill", *FAST, *TWO, "teacher.width=16")
+    r = cli("distill", *FAST, *TWO, "teacher.width=16", "teacher.epochs=1")
     assert r.code == 0, r.text
     teachers = list((Path("runs") / "train").iterdir())
     assert len(teachers) == 1 and read_json(teachers[0] / "status.json")["state"] == "completed"

@@ -8,7 +8,7 @@ from conftest import FAST, cli, read_json, read_metrics
 from omegaconf import OmegaConf
 
 # student cnn_small width 8, teacher cnn_small width 16: a second or two per run
-QUICK = [*FAST[:1], *FAST[2:], "teacher.width=16"]
+QUICK = [*FAST[:1], *FAST[2:], "teacher.width=16", "teacher.epochs=1"]  # a teacher of its own single epoch
 
 
 def _runs(command: str) -> list[Path]:
@@ -142,7 +142,7 @@ def test_distill_metrics_are_valid_json_lines():
 
 def test_m2m_trains_each_stage_inside_the_teacher_then_the_student():
     stages = ["model=resnet20", "model.width=0.25", "model@teacher=resnet32", "teacher.width=0.25"]
-    r = cli("distill", *stages, *FAST[:1], "kd=m2m", "kd.m2m.epochs=1")
+    r = cli("distill", *stages, *FAST[:1], "kd=m2m", "kd.m2m.epochs=1", "teacher.epochs=1")
     assert r.code == 0, r.text
     assert "m2m phase 1, stage 2: student layers.2 inside the teacher in place of layers.2" in r.err
     run = _runs("distill")[0]

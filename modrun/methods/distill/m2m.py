@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from modrun.components.data.base import Data
-from modrun.core import checkpoint
+from modrun.core.checkpoint import seed_everything
 from modrun.core.errors import UserError
-from modrun.core.runfolder import read_json, write_json
 from modrun.engine.loop import Objective, fit
+from modrun.engine.phases import done_path, run_phase
 from modrun.methods.distill.capture import Capture, resolve_layers
 from modrun.methods.distill.methods_logit import soft_kl
 
@@ -158,8 +158,6 @@ def run_phase1(
     resume: bool,
 ) -> dict:
     """Train every student stage inside the teacher; leaves the trained stages in `student`."""
-    from modrun.core.checkpoint import seed_everything
-
     m2m = cfg.kd.m2m
     s_paths = resolve_layers(student, m2m.student_stages, "kd.m2m.student_stages")
     t_paths = resolve_layers(teacher, m2m.teacher_stages, "kd.m2m.teacher_stages")
@@ -178,22 +176,25 @@ def run_phase1(
         seed_everything(int(cfg.seed) + 1 + i)  # each phase starts from its own seed (adapters too), resumed or not
         stage = bridge(modules[s_path], *shapes[i]).to(device)
         hybrid = Hybrid(teacher, t_path, stage)
-        done = run_dir / "checkpoints" / phase / "done.json"
-        if done.exists():  # finished before a kill: take its final weights and move on
-            hybrid.load_state_dict(checkpoint.load(done.parent / "last.pt", device)["modules"]["model"])
-            results[phase] = read_json(done)
-            continue
         bridged = (
             f" (adapters: {_shape(shapes[i][1][0])} -> {_shape(shapes[i][0][0])} in, "
             f"{_shape(shapes[i][0][1])} -> {_shape(shapes[i][1][1])} out)"
             if stage is not modules[s_path]
             else ""
         )
-        log.info(f"m2m phase 1, stage {i}: student {s_path} inside the teacher in place of {t_path}{bridged}")
-        objective = StageObjective(hybrid, teacher, t_path, m2m, float(cfg.kd.task_weight))
-        results[phase] = fit(phase_cfg, run_dir, objective, data, device, resume, phase=phase)
-        objective.close()
-        write_json(done, results[phase])
+        if not done_path(run_dir, phase).exists():
+            log.info(f"m2m phase 1, stage {i}: student {s_path} inside the teacher in place of {t_path}{bridged}")
+
+        def train(hybrid: Hybrid = hybrid, t_path: str = t_path, phase: str = phase) -> dict:
+            objective = StageObjective(hybrid, teacher, t_path, m2m, float(cfg.kd.task_weight))
+            result = fit(phase_cfg, run_dir, objective, data, device, resume, phase=phase)
+            objective.close()
+            return result
+
+        def restore(ckpt: dict, hybrid: Hybrid = hybrid) -> None:  # finished before a kill: its final weights
+            hybrid.load_state_dict(ckpt["modules"]["model"])
+
+        results[phase] = run_phase(run_dir, phase, int(cfg.seed) + 1 + i, train, restore, device)
     return results
 
 

@@ -14,9 +14,8 @@ from collections.abc import Callable
 import torch
 
 from modrun.core import checkpoint
-from modrun.core.checkpoint import seed_everything
 from modrun.core.errors import UserError
-from modrun.core.runfolder import read_json, write_json
+from modrun.engine.phases import done_path, run_phase
 from modrun.methods.prune.context import PruneContext
 from modrun.methods.prune.unstructured import MaskPruner, magnitude_scores
 
@@ -31,6 +30,7 @@ class IMPPruner(MaskPruner):
             raise UserError(f"prune.rewind_step={rewind_step}: must be >= 0")
         super().__init__(ctx.targets, magnitude_scores, sparsity, "global", ctx.seed)
         self.model, self.rounds, self.rewind_step = ctx.model, rounds, rewind_step
+        self.run_dir = ctx.run_dir
         self.rewind_path = ctx.run_dir / "checkpoints" / "imp_rewind.pt"
         self.round = 0
 
@@ -67,17 +67,14 @@ def run_rounds(pruner: IMPPruner, train: Callable[[str], dict], seed: int, devic
     for r in range(pruner.rounds + 1):
         pruner.round = r
         phase = f"imp_round{r}"
-        done = pruner.rewind_path.parent / phase / "done.json"
-        if done.exists():  # finished before a kill: take its final weights and masks
-            ckpt = checkpoint.load(done.parent / "last.pt", device)
+
+        def restore(ckpt: dict) -> None:  # finished before a kill: its final weights and masks
             pruner.model.load_state_dict(ckpt["modules"]["model"])
             pruner.load_state_dict(ckpt["extra"]["pruner"])
-            result = read_json(done)
-        else:
+
+        if not done_path(pruner.run_dir, phase).exists():
             log.info(f"IMP round {r}/{pruner.rounds}: training at sparsity {pruner.current:.3f}")
-            seed_everything(seed + r)  # each round starts from its own seed, resumed or not
-            result = train(phase)
-            write_json(done, result)
+        result = run_phase(pruner.run_dir, phase, seed + r, lambda phase=phase: train(phase), restore, device)
         history.append({"round": r, "sparsity": pruner.current, **result["final"]})
         if r < pruner.rounds:
             pruner.prune_to(pruner.sparsity_after(r))

@@ -6,6 +6,7 @@ Everything after a command name is a Hydra override; options with dashes belong 
 
 from __future__ import annotations
 
+# imports inside functions here defer torch and the runner: `modrun --help` and `modrun list` import neither
 import sys
 from collections.abc import Callable
 from pathlib import Path

@@ -68,3 +68,30 @@ def test_cycle_finder_finds_a_cycle() -> None:
     graph.add_import(importer="b", imported="a")
     graph.add_import(importer="b", imported="c")
     assert _cycles(graph, {"a", "b", "c"}) == [["a", "b"]]
+
+
+def test_imports_inside_functions_say_why():
+    """An import of modrun or torch inside a function is there to keep torch (or an optional package) out of
+    `modrun --help`, `modrun list` and validation; the module says so once, or the import line does."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "modrun"
+    silent = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        if "# imports inside functions here defer" in text:
+            continue
+        for fn in ast.walk(ast.parse(text)):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if not any(n.split(".")[0] in ("modrun", "torch") for n in names):
+                    continue
+                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                if not said:
+                    silent.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert not silent, f"imports inside functions without a reason: {silent}"

@@ -65,14 +65,53 @@ def test_distill_on_two_processes_trains_its_teacher_once():
     assert len(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["ranks"]) == 2
 
 
+def test_iterative_pruning_on_two_processes_takes_the_single_process_steps():
+    """IMP (its rounds are phases) on 2 processes of batch 16 prunes and trains an MLP as 1 process of batch 32
+    does: the same masks, the same weights; rank 0 alone wrote the rewind point and the phase records."""
+    common = ["model=mlp", "trainer.drop_last=true", "trainer.progress=false", "optim.lr=0.1"]
+    assert cli("train", *common, "trainer.epochs=1", "runs_dir=src").code == 0
+    prune = [*common, f"source.run={only_run(runs_dir=Path('src'))}", "prune=imp", "prune.rounds=1"]
+    prune += ["prune.sparsity=0.5", "recover=finetune", "trainer.epochs=1"]
+    assert cli("prune", *prune, "data.batch_size=32", "runs_dir=one").code == 0
+    r = cli("prune", *prune, *TWO, "data.batch_size=16", "runs_dir=two")
+    assert r.code == 0, r.text
+    one, two = only_run("prune", Path("one")), only_run("prune", Path("two"))
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k] == 0, b[k] == 0) or a[k].dim() == 1, k  # the same masks
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
+        p.name for p in (one / "checkpoints").iterdir()
+    )
+    summary = read_json(two / "summary.json")
+    assert summary["speedup_cpu_b64"] > 0 and len(summary["imp_rounds"]) == 2
+    assert len(torch.load(two / "checkpoints" / "imp_round1" / "last.pt", weights_only=True)["ranks"]) == 2
+
+
+def test_grow_and_stitch_on_two_processes_prepare_their_runs_once():
+    """The source of a grow run and the anchors of a stitch run are trained first, once, in the parent process;
+    the grown and stitched models then train on 2 processes."""
+    r = cli("grow", *TWO, "source.epochs=1", "trainer.epochs=1", "trainer.progress=false", "model.width=8")
+    assert r.code == 0, r.text
+    assert len(list((Path("runs") / "train").iterdir())) == 1
+    grown = only_run("grow")
+    assert read_json(grown / "grow.json")["grown_model"]["width"] == 16
+    assert len(torch.load(grown / "checkpoints" / "last.pt", weights_only=True)["ranks"]) == 2
+    anchors = "anchors=[{model:{name:cnn_small,width:8},epochs:1},{model:{name:cnn_small,width:16},epochs:1}]"
+    r = cli("stitch", anchors, *TWO, "trainer.epochs=1", "trainer.progress=false")
+    assert r.code == 0, r.text
+    assert len(list((Path("runs") / "train").iterdir())) == 2  # the grow source (width 8) was reused as anchor 0
+    run = only_run("stitch")
+    assert len(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["ranks"]) == 2
+    assert len(read_json(run / "summary.json")["stitches"]) == 5
+
+
 @pytest.mark.parametrize(
     "command, args, message",
     [
         ("train", ["trainer.devices=0"], "trainer.devices=0: must be a whole number >= 1"),
         ("distill", ["kd.cache_teacher=true"], "kd.cache_teacher=true is single-process"),
         ("distill", ["kd=crd"], "kd=crd keeps a per-sample memory bank"),
-        ("prune", [], "modrun prune runs in one process"),
-        ("grow", [], "modrun grow runs in one process"),
     ],
 )
 def test_what_data_parallel_runs_do_not_support_is_a_clear_error(command, args, message):

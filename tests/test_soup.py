@@ -1,5 +1,6 @@
 """`modrun soup` through the real CLI: uniform and greedy soups, sweeps, sparse soups, bad input."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -185,6 +186,14 @@ def test_task_arithmetic_adds_scaled_task_vectors_to_the_common_base(farm):
     soup = only_run("soup")
     summary = read_json(soup / "summary.json")
     assert summary["base"] == str(base_run) and summary["scale"] == 0.5
+    [record] = read_json(soup / "prerequisites.json")  # the base, recorded as every needed run is
+    assert (record["role"], record["run"], record["how"]) == (
+        "base",
+        str(base_run),
+        "the source.run of every ingredient",
+    )
+    assert record["sha256"] == hashlib.sha256((base_run / "model.safetensors").read_bytes()).hexdigest()
+    assert f"base: {base_run} (the source.run of every ingredient" in cli("runs", "show", str(soup)).text
     base, states, merged = _weights(base_run), [_weights(d) for d in dense], _weights(soup)
     for key, b in base.items():
         if not b.is_floating_point():

@@ -158,3 +158,40 @@ def test_sigkill_then_resume_is_identical(anchors, tmp_path):
 
     a, b = read_json(run / "summary.json"), read_json(reference / "summary.json")
     assert drop_latency(a["stitches"]) == drop_latency(b["stitches"])
+
+
+def test_anchors_given_as_configs_are_trained_first_once_and_reused():
+    """Anchors may be model configs: each is trained first on the stitch run's data (the user's own identical
+    `modrun train` is reused), recorded in prerequisites.json, and a second stitch trains nothing new."""
+    assert cli("train", *QUICK, "model.width=8").code == 0  # the user's own run of the small anchor
+    own = only_run("train")
+    anchors = "anchors=[{model:{name:cnn_small,width:8},epochs:1},{model:{name:cnn_small,width:16},epochs:1}]"
+    r = cli("stitch", anchors, *QUICK)
+    assert r.code == 0, r.text
+    trained = sorted(p for p in (Path("runs") / "train").iterdir())
+    assert len(trained) == 2 and own in trained
+    large = next(p for p in trained if p != own)
+    assert OmegaConf.load(large / "config.yaml").model.width == 16
+    run = only_run("stitch")
+    records = read_json(run / "prerequisites.json")
+    assert [(rec["role"], rec["key"], rec["how"]) for rec in records] == [
+        ("anchor", "anchors.0", "reused"),
+        ("anchor", "anchors.1", "trained"),
+    ]
+    stitched = read_json(run / "stitch.json")
+    assert (stitched["small"]["run"], stitched["large"]["run"]) == (str(own), str(large))
+    assert OmegaConf.load(run / "config.yaml").anchors[1].model.width == 16  # as given: a re-run finds the same runs
+    assert cli("stitch", anchors, *QUICK).code == 0
+    assert len(list((Path("runs") / "train").iterdir())) == 2
+
+
+def test_bad_anchor_configs_are_clear_errors():
+    bad = [
+        ("anchors=[{model:cnn_small,epoch:1},{model:cnn_small}]", "anchors.0.epoch: unknown key"),
+        ("anchors=[{model:{name:cnn_small,widt:8}},{model:cnn_small}]", "did you mean width?"),
+        ("anchors=[{model:mlp},{model:cnn_small}]", "anchors.0: cannot stitch model 'mlp'"),
+    ]
+    for arg, message in bad:
+        r = cli("stitch", arg, *QUICK)
+        assert r.code == 2 and message in r.text, r.text
+    assert not Path("runs").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: the CLI imports this module for `--help`, which must not load torch
 import json
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
 
     from modrun.components.build import build_data, resolve_device
     from modrun.components.data.base import Preprocess
-    from modrun.core.artifacts import load_run_config
+    from modrun.core.artifacts import load_into, load_run_config
     from modrun.core.registry import import_user_modules
     from modrun.engine.loop import evaluate
 
@@ -117,10 +118,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     else:
         model, state = _model_and_weights(cfg, run_dir, status, data, device, weights)
     if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"weights of {run_dir} do not fit the model: {str(e).splitlines()[1].strip()}") from None
+        load_into(model, state, str(run_dir))  # a tied matrix saved once fills its aliases
     prep = Preprocess(data, device)
     bs = int(cfg.data.eval_batch_size)
     if size is not None:  # one size of a nested run, cut out (and saved) as a model of its own
@@ -176,12 +174,14 @@ def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], si
     }
     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    table = Table("split", "loss", "top1", "top5", title=f"{run_dir} ({weights} weights)")
+    columns = list(next(iter(results.values())))  # the task's metrics: top1/top5, or ppl/bpb for text
+    table = Table("split", *columns, title=f"{run_dir} ({weights} weights)")
     for split, r in results.items():
-        table.add_row(split, f"{r['loss']:.4f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+        table.add_row(split, *(f"{r[k]:.4f}" if k in ("loss", "bpb") else f"{r[k]:.2f}" for k in columns))
     Console().print(table)
     if (run_dir / "summary.json").exists() and not overrides and size is None and point is None and weights == "final":
-        recorded = read_json(run_dir / "summary.json").get("final", {}).get("test/top1")
+        key = "test/bpb" if "bpb" in columns else "test/top1"
+        recorded = read_json(run_dir / "summary.json").get("final", {}).get(key)
         if recorded is not None:
-            Console().print(f"recorded test/top1 at the end of training: {recorded:.2f}")
+            Console().print(f"recorded {key} at the end of training: {recorded:.4g}")
     return record

@@ -17,13 +17,13 @@ from modrun.components.data.base import Data
 from modrun.components.data.loader import load_in_memory
 from modrun.components.shapes import apply_shapes, read_shapes
 from modrun.core import cost
-from modrun.core.artifacts import load_into, load_state, run_weights
+from modrun.core.artifacts import load_into, load_run_config, load_state, run_weights
 from modrun.core.errors import UserError
 from modrun.core.registry import DATASETS, MODELS
 
 
 def cost_report(model: nn.Module, data: Data, device: torch.device) -> dict[str, Any]:
-    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    example = data.example(1, device)  # images: C x H x W; text: a window of block_size tokens
     return {
         **cost.count_params(model),
         "macs": cost.count_macs(model, example),
@@ -43,6 +43,15 @@ def build_model(node: DictConfig, data: Data | None = None, path: str = "model")
             want = node.get(key)
             if want is not None and int(want) != have:
                 raise UserError(f"{path}.{key}={want} does not fit the data, which has {key.split('_')[-1]}={have}")
+        if node.get("vocab_size") is not None and int(node.vocab_size) != data.vocab_size:
+            raise UserError(
+                f"{path}.vocab_size={node.vocab_size} does not fit the data's vocabulary ({data.vocab_size})"
+            )
+        if node.get("block_size") is not None and data.block_size > int(node.block_size):
+            raise UserError(
+                f"data.block_size={data.block_size} is longer than {path}.block_size={node.block_size}; "
+                f"set data.block_size<={node.block_size} or {path}.block_size={data.block_size}"
+            )
     return MODELS.get(node.name)(**component_args(node))
 
 
@@ -51,7 +60,7 @@ def build_data(cfg: DictConfig) -> Data:
     data = builder(**builder_args(builder, cfg.data, RUNNER_KEYS))
     # file-backed splits that fit the budget are decoded once and then batched by index, like digits
     data = load_in_memory(data, float(cfg.data.get("in_memory_mb", 1024)), int(cfg.data.get("num_workers", 0)))
-    for key in ("channels", "num_classes", "image_size"):
+    for key in ("channels", "num_classes", "image_size", "vocab_size"):
         want = cfg.data.get(key)
         if want is not None and int(want) != getattr(data, key):
             raise UserError(
@@ -86,8 +95,6 @@ def resolve_device(name: str) -> torch.device:
 
 def model_from_run(run: str | Path, data: Data, device: torch.device, key: str) -> tuple[nn.Module, dict]:
     """The model a completed run folder trained, with its final weights."""
-    from modrun.components.build import build_model
-    from modrun.core.artifacts import load_run_config
 
     run = Path(run)
     cfg, status = load_run_config(run)

@@ -4,10 +4,13 @@ input, said in one line with exit 2, not a run that fails after its folder was w
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: validation reports a bad config before torch is loaded
 import warnings
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from modrun.core.errors import UserError
 
 RUNNER_MODEL_KEYS = {
     "name",
@@ -62,6 +65,8 @@ def model_problems(node: DictConfig, path: str) -> list[str]:
         model = build_on_meta(node)
     except NotImplementedError:
         return []  # an operation without a meta kernel: the real build will tell
+    except UserError as e:  # the factory said what is wrong in the user's terms
+        return list(e.messages)
     except Exception as e:  # noqa: BLE001 - whatever the factory refuses is bad input
         return [f"{path}: model '{node.name}' cannot be built with these arguments ({_short(e)})"]
     empty = [name for name, p in model.named_parameters() if p.numel() == 0]

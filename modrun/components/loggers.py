@@ -10,6 +10,7 @@ checks it, and no such package is imported before the logger is built.
 
 from __future__ import annotations
 
+# imports inside functions here defer the optional sinks (tensorboard, mlflow): only the chosen one is needed
 import os
 import time
 from collections.abc import Iterator

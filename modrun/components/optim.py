@@ -5,6 +5,7 @@ torch is imported inside the factories so that declaring them costs nothing at s
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: validation reads the optimiser table without loading torch
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING

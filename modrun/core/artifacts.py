@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
+from modrun.core import checkpoint
 from modrun.core import collectives as distributed
 from modrun.core.errors import UserError
 from modrun.core.runfolder import PREREQUISITES, atomic_write, read_json
@@ -29,12 +33,28 @@ def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:
     return cfg, status
 
 
-def save_weights(run_dir: Path, model: nn.Module) -> None:
-    from safetensors.torch import save
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensor shares storage with an earlier key's (tied embeddings): {alias: first key}."""
+    first: dict[tuple[int, int], str] = {}
+    aliases = {}
+    for k, v in state.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if ptr is None:
+            continue
+        if ptr in first:
+            aliases[k] = first[ptr]
+        else:
+            first[ptr] = k
+    return aliases
 
+
+def save_weights(run_dir: Path, model: nn.Module) -> None:
+    """model.safetensors: one copy of each tensor (a tied matrix once; load_into restores the ties)."""
     if not distributed.is_main():  # data-parallel: every process holds the same weights; rank 0 writes
         return
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    aliases = tied_keys(state)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
     atomic_write(run_dir / "model.safetensors", save(tensors))
 
 
@@ -49,6 +69,12 @@ def prerequisite(run_dir: Path, key: str) -> dict | None:
     return next((r for r in records if isinstance(r, dict) and r.get("key") == key), None)
 
 
+def prerequisite_record(role: str, key: str, run: Path, how: str, semantic_key: str | None) -> dict[str, Any]:
+    """One entry of prerequisites.json: a run this run needed first, how it was found, and its weights' SHA-256."""
+    return {"role": role, "key": key, "run": str(run), "how": how, "semantic_key": semantic_key,
+            "sha256": sha256(run_weights(run))}  # fmt: skip
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -58,6 +84,9 @@ def run_weights(run: Path) -> Path:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load `state` strictly; a tied tensor saved once (save_weights) fills its aliases."""
+    aliases = {k: v for k, v in tied_keys(model.state_dict()).items() if k not in state and v in state}
+    state = {**state, **{k: state[v] for k, v in aliases.items()}}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -68,8 +97,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
 
 def fit_problem(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """Why weights of these shapes do not load into `model` (strictly, like load_state_dict), or None."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in shapes]
+    state = model.state_dict()
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    tied = tied_keys(state)  # saved once: an alias of a present key is not missing
+    missing = [k for k in want if k not in shapes and tied.get(k) not in shapes]
     unexpected = [k for k in shapes if k not in want]
     wrong = [f"{k} {shapes[k]} vs {want[k]}" for k in want if k in shapes and shapes[k] != want[k]]
     parts = [
@@ -84,8 +115,6 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a weights file; a .safetensors file is read by its header alone."""
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -103,13 +132,10 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"no weights file '{path}'")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a file that is not safetensors
             raise UserError(f"cannot read weights from '{path}': {str(e).splitlines()[0]}") from None
-    from modrun.core import checkpoint
 
     state = checkpoint.load(path, "cpu")  # its checksum when it has one; weights_only: bad files are UserErrors
     if isinstance(state, dict) and "modules" in state:

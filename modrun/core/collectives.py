@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from modrun.core.errors import UserError
 
@@ -43,8 +44,6 @@ def in_worker() -> bool:
 def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """This rank's share of an epoch's sample order: torch's DistributedSampler, seeded so that its global
     permutation is the single-process one (padded to a multiple of the world size, then rank::world)."""
-    from torch.utils.data import DistributedSampler
-
     sampler = DistributedSampler(range(n), world_size(), rank(), shuffle=shuffle, seed=seed * 1_000_003)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long)

@@ -18,7 +18,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass over `example` (conv and linear layers, the bulk of the cost)."""
+    """Multiply-accumulates of one forward pass over `example`: conv and linear layers (the bulk of the cost),
+    plus the activation-by-activation products of modules that declare them (`matmul_macs`, e.g. attention)."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -28,8 +29,11 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
             total += output.numel() * kernel
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
+        elif hasattr(module, "matmul_macs"):
+            total += int(module.matmul_macs(inputs[0]))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    counted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "matmul_macs")]
+    handles = [m.register_forward_hook(hook) for m in counted]
     was_training = model.training
     model.eval()
     try:

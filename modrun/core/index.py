@@ -62,6 +62,24 @@ def lookup(runs_dir: Path | str, command: str, key: str) -> list[Path]:
     return [p for p in dict.fromkeys(found) if (p / "config.yaml").is_file()]
 
 
+def forget_missing(runs_dir: Path | str, command: str) -> None:
+    """Remove the index files whose every run folder is gone (a run discarded for bad input), then the index
+    folders and `runs_dir` itself if that left them empty: bad input leaves nothing behind."""
+    folder = index_dir(runs_dir, command)
+    for path in folder.glob("*") if folder.is_dir() else []:
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError:
+            continue
+        if not any((Path(runs_dir) / line / "config.yaml").is_file() for line in lines):
+            path.unlink(missing_ok=True)
+    for empty in (folder, folder.parent, Path(runs_dir)):
+        try:
+            empty.rmdir()
+        except OSError:
+            return  # not empty (or not there): other runs live there
+
+
 @contextmanager
 def locked(runs_dir: Path | str, command: str, key: str) -> Iterator[None]:
     """Hold an exclusive lock on `key` (other processes asking for the same run wait here until it is made)."""

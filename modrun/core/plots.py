@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer matplotlib, an optional extra (modrun[plot])
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

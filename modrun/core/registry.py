@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from modrun.core.errors import UserError, did_you_mean
@@ -73,6 +74,13 @@ class Registry:
             raise UserError(f"unknown {self.kind} '{name}'{did_you_mean(str(name), self._entries)}")
         return self._entries[name].load()
 
+    def loaded(self, name: str) -> Any:
+        """The factory of `name` if it is already imported (a user's, registered by decorator), else None:
+        reads declarations such as `task` without importing a lazy built-in."""
+        self._load_catalog()
+        entry = self._entries.get(name)
+        return entry.obj if entry is not None else None
+
     def __contains__(self, name: str) -> bool:
         self._load_catalog()
         return name in self._entries
@@ -122,8 +130,6 @@ REGISTRIES: dict[str, Registry] = {
 
 def import_user_modules(modules: list[str]) -> None:
     """Import the user's own modules (`+imports=[my_models]`) and installed `modrun.plugins` entry points."""
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group="modrun.plugins"):
         ep.load()
     for module in modules:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: `modrun runs` and the CLI read run folders without loading torch
 import json
 import logging
 import os
@@ -72,12 +73,14 @@ def reserve_run_dir(runs_dir: Path, command: str, name: str) -> Path:
 
 
 def discard_run_dir(run_dir: Path) -> None:
-    """Remove a run folder in which nothing ran (bad input found late), and runs/<command>/ if now empty."""
+    """Remove a run folder in which nothing ran (bad input found late), and runs/<command>/, its index entry
+    and runs/ if now empty."""
     shutil.rmtree(run_dir, ignore_errors=True)
     try:
         Path(run_dir).parent.rmdir()  # a run reserving beside us re-creates it (reserve_run_dir: parents=True)
     except OSError:
-        pass  # not empty: other runs live there
+        return  # not empty: other runs live there
+    index.forget_missing(Path(run_dir).parent.parent, Path(run_dir).parent.name)
 
 
 def set_status(run_dir: Path, state: str, **fields: Any) -> None:

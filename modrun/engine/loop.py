@@ -6,6 +6,7 @@ loop owns optimisation, evaluation, metrics, checkpoints and the exact-resume bo
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from modrun.components.data.base import Data, Preprocess, Split, batches, num_batches
+from modrun.components.data.tasks import Task, split_task
 from modrun.components.loggers import build_logger
 from modrun.core import checkpoint
 from modrun.core import collectives as ddp
@@ -47,7 +49,7 @@ class Objective:
 
         `idx` are the samples' indices in the train split (for per-sample state such as caches)."""
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(*Task.flat(logits, y))  # images: (B, classes); text: every token of (B, T, vocab)
         return loss, logits, {}
 
     def after_step(self, step: int) -> None:
@@ -81,19 +83,15 @@ def evaluate(
     In a data-parallel run each process evaluates its share and the sums are added up over processes."""
     was_training = model.training
     model.eval()
-    sums = {"loss": 0.0, "top1": 0, "top5": 0, "n": 0}
+    task = split_task(split)
+    sums = {k: 0.0 for k in task.keys}
     shard = "eval" if ddp.world_size() > 1 else None
     for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
-        logits = model(prep(x))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums["loss"] += F.cross_entropy(logits, y, reduction="sum").item()
-        sums["top1"] += (top[:, 0] == y).sum().item()
-        sums["top5"] += (top == y[:, None]).any(dim=1).sum().item()
-        sums["n"] += len(y)
+        for k, v in task.sums(model(prep(x)), y).items():
+            sums[k] += v.item()
     model.train(was_training)
-    total = {k: float(v) for k, v in ddp.reduce_sums({k: torch.tensor(float(v)) for k, v in sums.items()}).items()}
-    n = max(total["n"], 1)
-    return {"loss": total["loss"] / n, "top1": 100.0 * total["top1"] / n, "top5": 100.0 * total["top5"] / n}
+    total = ddp.reduce_sums({k: torch.tensor(float(v)) for k, v in sums.items()})
+    return task.metrics({k: float(v) for k, v in total.items()})
 
 
 def fit(
@@ -109,7 +107,7 @@ def fit(
 
     A `phase` (one step of a multi-phase pipeline) keeps its checkpoints in checkpoints/<phase>/ and tags
     its metrics records, so each phase resumes on its own."""
-    t, seed = cfg.trainer, int(cfg.seed)
+    t, seed, task = cfg.trainer, int(cfg.seed), data.task
     bs, world, main = int(cfg.data.batch_size), ddp.world_size(), ddp.is_main()
     # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs
     steps_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
@@ -221,7 +219,7 @@ def fit(
                 scheduler.step()
                 state.step += 1
                 objective.after_step(state.step)
-                _accumulate(running, loss, logits, y, terms)
+                _accumulate(running, task, loss, logits, y, terms)
                 bar.update(state.step, f"epoch {state.epoch + 1}/{t.epochs}")
                 # a NaN/inf loss poisons the running sum; checking it only here and before each save avoids a
                 # host sync per step, and no checkpoint is ever written after the loss went bad
@@ -256,12 +254,13 @@ def fit(
                 val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
+            bpb = f" bpb {val['bpb']:.4f}" if "bpb" in val else ""
             log.info(
                 f"epoch {state.epoch}/{t.epochs}  train loss {train['loss']:.4f} top1 {train['top1']:.2f}  "
-                f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}  lr {scheduler.get_last_lr()[0]:.4g}"
+                f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}{bpb}  lr {scheduler.get_last_lr()[0]:.4g}"
             )
-            if val["top1"] > state.best:
-                state.best, state.best_epoch = val["top1"], state.epoch
+            if task.better(val[task.best], state.best if state.best_epoch >= 0 else None):  # the task's metric
+                state.best, state.best_epoch = val[task.best], state.epoch
                 save("best.pt")
             save("last.pt")
 
@@ -272,7 +271,8 @@ def fit(
         return {f"test/{k}": v for k, v in evaluate(model, data.test, prep, eval_bs, device, **loader).items()}
 
     final = {**{f"val/{k}": v for k, v in val.items()}, **test(objective.model)}
-    best = {"epoch": state.best_epoch, "val/top1": state.best}
+    # no epoch trained (trainer.epochs=0): no best (and no infinity in summary.json, which JSON cannot hold)
+    best = {"epoch": state.best_epoch, f"val/{task.best}": state.best if state.best_epoch >= 0 else None}
     if (ckpt_dir / "best.pt").exists():
         best_model = _copy_with_weights(
             objective.model, checkpoint.load(ckpt_dir / "best.pt", device, run_dir)["modules"]["model"]
@@ -283,24 +283,20 @@ def fit(
 
 def _accumulate(
     sums: dict[str, torch.Tensor],
+    task: Task,
     loss: torch.Tensor,
     logits: torch.Tensor,
     y: torch.Tensor,
     terms: dict[str, torch.Tensor],
 ) -> None:
-    n = len(y)
-    new = {
-        "n": n,
-        "loss": loss.detach() * n,
-        "top1": 100.0 * (logits.argmax(1) == y).sum(),
-        **{k: v.detach() * n for k, v in terms.items()},
-    }
+    new = task.sums(logits, y, loss)  # items: images, or tokens of a window
+    new["top1"] = 100.0 * new["top1"]
+    new.update({k: v.detach() * new["n"] for k, v in terms.items()})
     for k, v in new.items():
         sums[k] = sums[k] + v if k in sums else torch.as_tensor(v, dtype=torch.float64, device=y.device)
 
 
 def _copy_with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    import copy
 
     clone = copy.deepcopy(model)
     clone.load_state_dict(weights)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from modrun.core import checkpoint
+from modrun.core.collectives import barrier, is_main
 from modrun.core.runfolder import read_json, write_json
 
 
@@ -33,5 +34,7 @@ def run_phase(
         return read_json(done)
     checkpoint.seed_everything(seed)  # each phase starts from its own seed, resumed or not
     result = train()
-    write_json(done, result)
+    if is_main():  # data-parallel: rank 0 writes for the run
+        write_json(done, result)
+    barrier()  # every process has finished the phase before any looks for the next one's marker
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer rich's live display: only a run with trainer.progress=true draws one
 import sys
 from typing import Any
 

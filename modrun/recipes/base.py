@@ -19,6 +19,7 @@ class Need:
     command: str  # the command that makes it: "train"
     overrides: list[str] = field(default_factory=list)  # its own overrides of that command's config (epochs, optim)
     nodes: dict[str, Any] = field(default_factory=dict)  # nodes set as given: its model, this run's data
+    merged: dict[str, Any] = field(default_factory=dict)  # nodes merged over its composed config (a partial model)
 
 
 @dataclass(frozen=True)

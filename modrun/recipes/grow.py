@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save
 from torch import nn
 
 from modrun.components.build import build_data, build_model, cost_report, model_from_run, resolve_device
 from modrun.components.data.base import Data, Preprocess, batches
 from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
 from modrun.core.checkpoint import seed_everything
+from modrun.core.collectives import barrier, is_main
 from modrun.core.cost import count_params
 from modrun.core.runfolder import atomic_write, read_json, write_json
 from modrun.engine.loop import Objective, evaluate, fit
@@ -102,13 +104,12 @@ def grow_model(cfg: DictConfig, run_dir: Path, data: Data, device: torch.device)
         "max_abs_logit_diff": logit_gap(source, model, data, device, bs),
         **details,
     }
-    from safetensors.torch import save
 
-    (run_dir / GROWN_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        run_dir / GROWN_WEIGHTS, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    )
-    write_json(run_dir / GROW_FILE, record)  # last: its presence means the growth step is complete
+    if is_main():  # data-parallel: every process grew the same model; rank 0 writes
+        (run_dir / GROWN_WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(run_dir / GROWN_WEIGHTS, save(tensors))
+        write_json(run_dir / GROW_FILE, record)  # last: its presence means the growth step is complete
     return model, record
 
 
@@ -116,7 +117,7 @@ def record_grown_config(run_dir: Path, record: dict) -> None:
     """config.yaml describes the grown model under `model` (what eval and teacher.run build), the source under
     source.model (what a re-run of this config grows again)."""
     saved = OmegaConf.load(run_dir / "config.yaml")
-    if OmegaConf.to_container(saved.model) == record["grown_model"]:
+    if not is_main() or OmegaConf.to_container(saved.model) == record["grown_model"]:
         return
     saved.model = record["grown_model"]
     saved.source.model = record["source_model"]
@@ -127,7 +128,9 @@ def grow(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     device = resolve_device(cfg.device)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     data = build_data(cfg).to(device)
-    if resume and (run_dir / GROW_FILE).exists() and (run_dir / GROWN_WEIGHTS).exists():
+    grown = resume and (run_dir / GROW_FILE).exists() and (run_dir / GROWN_WEIGHTS).exists()
+    barrier()  # data-parallel: every process decides before rank 0 may write the growth step's files
+    if grown:
         record = read_json(run_dir / GROW_FILE)
         model = build_model(OmegaConf.create(record["grown_model"]), data, path="grown model")
         model = load_into(model, load_state(run_dir / GROWN_WEIGHTS), str(run_dir / GROWN_WEIGHTS)).to(device)

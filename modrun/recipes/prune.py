@@ -16,6 +16,7 @@ from modrun.components.data.base import Preprocess
 from modrun.components.shapes import SHAPES_FILE, changed_shapes, layer_shapes
 from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
 from modrun.core.checkpoint import seed_everything
+from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
 from modrun.core.registry import PRUNERS
 from modrun.core.runfolder import atomic_write, write_json
@@ -84,7 +85,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     data = build_data(cfg).to(device)
     model, record = load_source(cfg, run_dir, data, device)
-    write_json(run_dir / "source.json", record)
+    if is_main():  # data-parallel: every process prunes the same model alike; rank 0 writes
+        write_json(run_dir / "source.json", record)
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     prep, eval_bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
     dense_cost = {
@@ -106,7 +108,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
     if pruner.structured:
         shapes = changed_shapes(layer_shapes(dense), layer_shapes(model))
-        atomic_write(run_dir / SHAPES_FILE, json.dumps(shapes, indent=2) + "\n")
+        if is_main():
+            atomic_write(run_dir / SHAPES_FILE, json.dumps(shapes, indent=2) + "\n")
         log.info(
             f"channel pruning changed {len(shapes)} layers; parameters {dense_cost['params']:,} -> "
             f"{sum(q.numel() for q in model.parameters()):,}"
@@ -137,6 +140,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
     save_weights(run_dir, model)
     pruned_cost = {**measure(model, data.channels, data.image_size), "test_top1": result["final"]["test/top1"]}
+    if not is_main():  # rank 0 reports for the run; timing on every process at once would slow them all
+        return result
     timed = latencies({"dense": dense, "pruned": model}, data.channels, data.image_size, device)
     dense_cost.update(timed["dense"])
     pruned_cost.update(timed["pruned"])

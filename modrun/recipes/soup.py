@@ -17,11 +17,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file
 
-from modrun.components.shapes import SHAPES_FILE, read_shapes
+from modrun.components.build import build_data, build_model, resolve_device
+from modrun.components.data.base import Preprocess
+from modrun.components.shapes import SHAPES_FILE, apply_shapes, read_shapes
+from modrun.core import index
+from modrun.core.artifacts import load_into, load_run_config, prerequisite_record, save_weights
+from modrun.core.checkpoint import seed_everything
+from modrun.core.cost import count_params
 from modrun.core.errors import UserError
-from modrun.core.runfolder import atomic_write, log_to, read_json, reserve_run_dir, set_status, write_json
+from modrun.core.registry import import_user_modules
+from modrun.core.runfolder import (
+    PREREQUISITES,
+    atomic_write,
+    log_to,
+    read_json,
+    reserve_run_dir,
+    set_status,
+    write_json,
+    write_record,
+)
+from modrun.engine.loop import evaluate
+from modrun.methods.soup import merge
 from modrun.methods.soup.inputs import expand_runs, settings, split_args
+from modrun.methods.soup.merge import check_layer_scales, find_base
 
 log = logging.getLogger("modrun")
 # data keys that change how a run trained, not what it is evaluated on
@@ -29,9 +49,6 @@ DATA_KEYS_IGNORED = {"batch_size", "eval_batch_size", "num_workers", "augment"}
 
 
 def load_ingredient(run: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from modrun.core.artifacts import load_run_config
 
     cfg, _ = load_run_config(run)
     if not (run / "model.safetensors").is_file():
@@ -106,11 +123,6 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def make_scorer(src: DictConfig, run: Path, state: dict[str, torch.Tensor], device_name: str) -> tuple[Any, Any]:
     """The ingredients' model on the device and `score(state, splits)`: its metrics with those weights."""
-    from modrun.components.build import build_data, build_model, resolve_device
-    from modrun.components.data.base import Preprocess
-    from modrun.components.shapes import apply_shapes
-    from modrun.core.artifacts import load_into
-    from modrun.engine.loop import evaluate
 
     device = resolve_device(device_name)
     data = build_data(src).to(device)
@@ -150,11 +162,6 @@ def cook(cfg: DictConfig, rows: list[dict], states: list[dict], score: Any) -> d
 
 def soup_runs(args: list[str]) -> int:
     """The `modrun soup` command: check everything, then write the soup's run folder. Returns the exit code."""
-    from modrun.core.artifacts import save_weights
-    from modrun.core.checkpoint import seed_everything
-    from modrun.core.cost import count_params
-    from modrun.core.registry import import_user_modules
-    from modrun.core.runfolder import write_record
 
     paths, overrides = split_args(args)
     cfg = settings(overrides)
@@ -164,8 +171,6 @@ def soup_runs(args: list[str]) -> int:
     masks = shared_masks(ings)
     base = None
     if cfg.soup == "task_arithmetic":  # the base the task vectors start from must fit the runs too
-        from modrun.methods.soup.merge import check_layer_scales, find_base
-
         base = load_ingredient(find_base(cfg, ings))
         check_compatible([base, *ings])
         check_layer_scales(cfg, base["state"])
@@ -178,6 +183,11 @@ def soup_runs(args: list[str]) -> int:
     record = OmegaConf.merge(cfg, {"ingredients": list(map(str, runs)), "model": src.model, "data": src.data}, extra)
     run_dir = reserve_run_dir(Path(cfg.runs_dir), "soup", str(cfg.name))
     write_record(run_dir, record, "soup", overrides)
+    if base is not None:  # recorded as every run's prerequisites are (`modrun runs show` lists it)
+        how = "given" if cfg.base else "the source.run of every ingredient"
+        command = _status(base["run"]).get("command")
+        key = index.semantic_key(command, base["cfg"]) if isinstance(command, str) else None
+        write_json(run_dir / PREREQUISITES, [prerequisite_record("base", "base", base["run"], how, key)])
     if read_shapes(runs[0]):
         atomic_write(run_dir / SHAPES_FILE, (runs[0] / SHAPES_FILE).read_text())
     t0, merged = time.time(), {}
@@ -197,8 +207,6 @@ def soup_runs(args: list[str]) -> int:
             if base is None:
                 soup = cook(cfg, rows, [ing["state"] for ing in ings], score)
             else:
-                from modrun.methods.soup import merge
-
                 soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score)
                 soup = {k: v * masks[k] if k in masks else v for k, v in soup.items()}  # a shared mask stays
                 merged.update(base=str(base["run"]), scale=scale)
@@ -235,6 +243,14 @@ def soup_runs(args: list[str]) -> int:
         log.info(f"completed: {run_dir}")
     _print_table(rows, final, cfg, metric, run_dir)
     return 0
+
+
+def _status(run: Path) -> dict[str, Any]:
+    try:
+        status = read_json(Path(run) / "status.json")
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _sparsity(masks: dict[str, torch.Tensor], first: dict, soup: dict) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save
 
 from modrun.components.build import build_data, model_from_run, resolve_device
 from modrun.components.data.base import Preprocess, batches
@@ -22,10 +23,11 @@ from modrun.core.collectives import is_main
 from modrun.core.cost import count_params
 from modrun.core.runfolder import atomic_write, write_json
 from modrun.engine.loop import fit
+from modrun.methods.distill.teachers import own_training
 from modrun.methods.stitch import STITCH_FILE
-from modrun.methods.stitch.checks import check
+from modrun.methods.stitch.checks import anchor_model, check
 from modrun.methods.stitch.net import StitchNet, StitchObjective, build, plot, report
-from modrun.recipes.base import Recipe
+from modrun.recipes.base import Need, Recipe
 
 log = logging.getLogger("modrun")
 
@@ -37,7 +39,6 @@ def init_batch(data: object, device: torch.device, samples: int) -> torch.Tensor
 
 
 def save_stitches(run_dir: Path, net: StitchNet, record: dict) -> None:
-    from safetensors.torch import save
 
     if not is_main():
         return
@@ -82,4 +83,16 @@ def stitch(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     return {**result, "stitches": rows, "stitch": record}
 
 
-RECIPE = Recipe(run=stitch, check=check)
+def needs(cfg: DictConfig) -> list[Need]:
+    """Anchors given as configs (`anchors=[{model: ...},{model: ...}]`) are trained first on this run's data,
+    each with its own seed (0), epochs and overrides; run folders are used as they are."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return [
+        Need("anchor", f"anchors.{i}", "train", [f"model={anchor_model(a)['name']}", *own_training(a)],
+             {"data": data}, {"model": anchor_model(a)})
+        for i, a in enumerate(cfg.anchors)
+        if isinstance(a, DictConfig)
+    ]  # fmt: skip
+
+
+RECIPE = Recipe(run=stitch, check=check, needs=needs)

@@ -8,12 +8,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.components.build import build_data, build_model, cost_report, resolve_device
+from modrun.components.data.base import Preprocess
 from modrun.core.artifacts import save_weights
 from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import is_main
 from modrun.core.runfolder import write_json
-from modrun.engine.loop import Objective, fit
-from modrun.methods.nested.checks import check_train
+from modrun.engine.loop import Objective, evaluate, fit
+from modrun.methods.nested import base as nested
+from modrun.methods.nested import subnet
+from modrun.methods.nested.checks import check, check_train
 from modrun.recipes.base import Recipe
 
 log = logging.getLogger("modrun")
@@ -30,10 +33,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         save_weights(run_dir, model)
         return {**result, **cost_report(model, data, device)}
 
-    from modrun.methods.nested import base as nested
-    from modrun.methods.nested import subnet
-    from modrun.methods.nested.checks import check
-
     check(cfg, model)
     kd_node = cfg.get("kd")
     if kd_node is None and float(node.get("kd_weight") or 0) > 0:  # a run started before the kd group did this
@@ -43,9 +42,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     objective = nested.NestedObjective(model, node, int(cfg.seed), kd)
     result = fit(cfg, run_dir, objective, data, device, resume)
     if node.name == "sorted":  # BatchNorm statistics measured as every cut-out size's are (same 20 batches)
-        from modrun.components.data.base import Preprocess
-        from modrun.engine.loop import evaluate
-
         prep = Preprocess(data, device)
         subnet.recalibrate(model, subnet.calibration_batches(data, prep, int(cfg.data.batch_size)))
         for split in ("val", "test"):  # the final metrics are those of the weights saved

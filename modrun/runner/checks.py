@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 from modrun.components.data import RUNNER_KEYS
+from modrun.components.models import MODEL_TASKS
 from modrun.core.errors import did_you_mean
 from modrun.core.registry import (
     DATASETS,
@@ -113,6 +114,44 @@ def _is_argument(cfg: DictConfig, parent: str, key: str, found: dict[str, Compon
         return True  # an unknown component name is reported by check_config
     params = inspect.signature(c.registry.get(name)).parameters
     return leaf in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def check_tasks(cfg: DictConfig) -> list[str]:
+    """Every model serves the data's task (a language model on text, a classifier on images); checked before
+    interpolations such as ${data.vocab_size} are resolved, so the message says what is really wrong."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig) or "name" not in data:
+        return []
+    task = str(data.get("task", "classification"))
+    errors = []
+    for path in ("model", "teacher", "source.model"):
+        node = OmegaConf.select(cfg, path, throw_on_missing=False)
+        if not isinstance(node, DictConfig) or not isinstance(node.get("name"), str):
+            continue
+        serves = MODEL_TASKS.get(node.name) or getattr(MODELS.loaded(node.name), "task", None)
+        if serves is None or serves == task:  # a model of one's own that declares no task is not checked
+            errors += _window_problem(cfg, path)
+            continue
+        if serves == "language_modeling":
+            errors.append(
+                f"{path}={node.name} is a language model but data={data.name} is {task}; "
+                "choose data=python_docs, python_code or text_file"
+            )
+        else:
+            errors.append(f"{path}={node.name} classifies images but data={data.name} is {task}; choose model=gpt")
+    return errors
+
+
+def _window_problem(cfg: DictConfig, path: str) -> list[str]:
+    """A language model reads windows of at most its block_size tokens."""
+    try:
+        have = OmegaConf.select(cfg, f"{path}.block_size", throw_on_missing=False)
+        want = OmegaConf.select(cfg, "data.block_size", throw_on_missing=False)
+    except OmegaConfBaseException:
+        return []  # an interpolation that points nowhere: check_resolvable says so
+    if not (is_number(have) and is_number(want)) or want <= have:
+        return []
+    return [f"data.block_size={want} is longer than {path}.block_size={have}; set data.block_size<={have}"]
 
 
 def check_resolvable(cfg: DictConfig) -> list[str]:

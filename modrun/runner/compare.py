@@ -3,6 +3,7 @@ seeds, a CSV, and PNG plots (metric curves; accuracy against parameters and late
 
 from __future__ import annotations
 
+# imports inside functions here defer matplotlib (optional): `modrun compare` without plots needs none
 import csv
 import io
 import statistics

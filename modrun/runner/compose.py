@@ -6,6 +6,7 @@ override grammar (and later launchers and sweepers) comes from Hydra rather than
 
 from __future__ import annotations
 
+# imports inside functions here defer Hydra's internals: loaded once a command composes a config
 import os
 from collections.abc import Callable
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer torch (through the lifecycle): `modrun --help` and validation must not load it
 import socket
 from pathlib import Path
 

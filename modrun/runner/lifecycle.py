@@ -108,10 +108,12 @@ def result_line(summary: dict[str, Any]) -> str:
     final, best = summary.get("final") or {}, summary.get("best") or {}
 
     def shown(metrics: dict[str, Any]) -> str:
-        keys = [k for k in metrics if k.split("/")[0] in ("val", "test") and k.split("/")[-1] in ("top1", "loss")]
+        keys = [
+            k for k in metrics if k.split("/")[0] in ("val", "test") and k.split("/")[-1] in ("top1", "loss", "bpb")
+        ]
         return " ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float)))
 
     line = shown(final)
-    if best.get("epoch") is not None:
+    if isinstance(best.get("epoch"), int) and best["epoch"] >= 0:
         line += f"  best (epoch {best['epoch']}): {shown(best)}"
     return line

@@ -10,9 +10,13 @@ a killed run resumes exactly, with the same number of processes.
 
 from __future__ import annotations
 
+# imports inside functions here defer the elastic launcher (a second of imports) and ctypes: only a run that
+# starts workers needs them
+import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
-from modrun.core.registry import RECIPES
+from modrun.core.registry import RECIPES, import_user_modules
+from modrun.core.runfolder import log_to
 from modrun.core.stopping import Interrupted, NonFiniteLoss
 
 
@@ -37,11 +42,6 @@ def _die_with_parent() -> None:
 
 def _worker(command: str, plain: dict, run_dir: str, resume: bool) -> dict[str, Any]:
     """One process of the run: join the group, run the pipeline, report how it ended (picklable dicts)."""
-    import logging
-    import traceback
-
-    from modrun.core.registry import import_user_modules
-    from modrun.core.runfolder import log_to
 
     _die_with_parent()
     if "OMP_NUM_THREADS" not in os.environ:

@@ -1,4 +1,4 @@
-"""Runs a run needs first (a teacher, the model to prune or grow), one mechanism for every recipe.
+"""Runs a run needs first (a teacher, the model to prune or grow, stitch anchors), one mechanism for every recipe.
 
 A recipe declares its needs (`Recipe.needs(cfg)`: role, the config key that receives the run folder, the command
 and its own overrides). Before the recipe runs, in the parent process (so before any data-parallel worker),
@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.core import index
-from modrun.core.artifacts import load_run_config, run_weights, sha256
+from modrun.core.artifacts import load_run_config, prerequisite_record, run_weights, sha256
 from modrun.core.errors import UserError
 from modrun.core.registry import RECIPES
 from modrun.core.runfolder import PREREQUISITES, alive, read_json, reserve_run_dir, write_json, write_record
@@ -39,6 +39,8 @@ def needed_config(need: Need, cfg: DictConfig, config_dir: Path | str | None = N
     needed = compose_plain(need.command, list(need.overrides), config_dir)
     for key, node in need.nodes.items():
         needed[key] = OmegaConf.create(node) if isinstance(node, dict) else node
+    for key, node in need.merged.items():
+        needed[key] = OmegaConf.merge(OmegaConf.to_container(needed[key]), node)  # new keys are checked later
     for key in ("runs_dir", "device", "imports"):
         if key in cfg:
             needed[key] = cfg[key]
@@ -66,10 +68,7 @@ def resolve(
             key = index.semantic_key(need.command, needed)
             folder, how = find_or_make(need, needed, key, execute)
         OmegaConf.update(out, need.key, str(folder), merge=False)
-        records.append(
-            {"role": need.role, "key": need.key, "run": str(folder), "how": how, "semantic_key": key,
-             "sha256": sha256(run_weights(folder))}
-        )  # fmt: skip
+        records.append(prerequisite_record(need.role, need.key, folder, how, key))
     write_json(run_dir / RECORD, records)
     return out
 

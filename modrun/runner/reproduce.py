@@ -7,6 +7,7 @@ is to see what changed, and a reproduction in a changed environment is still wor
 
 from __future__ import annotations
 
+# imports inside functions here defer torch (lifecycle, artifacts): the CLI imports this module for `--help`
 import hashlib
 import struct
 import sys

@@ -8,6 +8,7 @@ sweep.json and summary.csv. A job that fails is recorded and the others go on.
 
 from __future__ import annotations
 
+# imports inside functions here defer torch and Hydra's sweeper internals: the CLI imports this module for `--help`
 import math
 import os
 import shlex

@@ -6,6 +6,7 @@ happens under an exclusive file lock, and both files are replaced atomically.
 
 from __future__ import annotations
 
+# imports inside functions here defer fcntl (POSIX) and the summaries: `modrun runs` lists sweeps without them
 import csv
 import io
 from collections.abc import Iterator

@@ -3,6 +3,7 @@ whole; every problem is reported at once, one line each, with the closest valid 
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: the config is checked before torch is loaded (a bad key costs no import)
 import os
 from typing import Any
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from modrun.core.errors import UserError, did_you_mean
 from modrun.core.registry import RECIPES, import_user_modules
 from modrun.core.values import suggest_key, type_problem
-from modrun.runner.checks import check_config, check_deletions, check_resolvable, dotted_keys
+from modrun.runner.checks import check_config, check_deletions, check_resolvable, check_tasks, dotted_keys
 from modrun.runner.compose import Composer
 from modrun.runner.prerequisites import needed_config
 
@@ -49,7 +50,9 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[Dict
     import_user_modules(list(imports) if _module_names(imports) else [])
     deleted = any(line.startswith("~") for line in group_lines)
     reference = composer.compose([line for line in group_lines if not line.startswith("~")]) if deleted else base
-    errors += check_deletions(cfg, reference) or check_resolvable(cfg) or check_config(cfg, reference)
+    errors += (
+        check_deletions(cfg, reference) or check_tasks(cfg) or check_resolvable(cfg) or check_config(cfg, reference)
+    )
     if not errors:
         errors += check_processes(composer.command, cfg)
     if not errors:
@@ -88,8 +91,6 @@ def check_processes(command: str, cfg: DictConfig) -> list[str]:
         )
     if bad or devices * nodes == 1:
         return bad
-    if command in ("prune", "grow", "stitch"):  # their source/anchor runs are prepared inside the pipeline
-        return [f"trainer.devices>1: modrun {command} runs in one process (train or distill run on several)"]
     kd = cfg.get("kd") or {}
     if kd.get("cache_teacher"):
         return ["kd.cache_teacher=true is single-process: set trainer.devices=1 or kd.cache_teacher=false"]
@@ -197,10 +198,11 @@ def check_needs(needs: list[Any], cfg: DictConfig, config_dir: Any) -> list[str]
 
     errors = []
     for need in needs:
+        owner = need.key.removesuffix(".run")  # teacher, source, anchors.1
         try:
             needed = needed_config(need, cfg, config_dir)
         except UserError as e:
-            errors += [f"{need.key.split('.')[0]}.overrides: {m}" for m in e.messages]
+            errors += [f"{owner}.overrides: {m}" for m in e.messages]
             continue
-        errors += [f"{need.role} ({need.command}): {m}" for m in check_config(needed, needed)]
+        errors += [f"{owner} ({need.command}): {m}" for m in check_config(needed, needed)]
     return errors

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
+from modrun.components.data.loader import read_batches
+from modrun.components.data.tasks import CLASSIFICATION, Task
+from modrun.core.collectives import rank, shard_order, world_size
 from modrun.core.errors import UserError
 
 
@@ -40,13 +43,24 @@ class Data:
     num_classes: int
     mean: list[float] = field(default_factory=list)  # per channel, of the train split, in [0, 1] units
     std: list[float] = field(default_factory=list)
+    task: Task = CLASSIFICATION
+    vocab_size: int = 0  # language modeling: tokens (num_classes is the same number)
+    block_size: int = 0  # language modeling: tokens per window
 
     def to(self, device: torch.device) -> Data:
         """Move in-memory splits to the device once, so that batching is indexing on the device."""
         for split in (self.train, self.val, self.test):
-            if split.x is not None:
+            if hasattr(split, "tokens"):  # a token stream (data/text.py)
+                split.to(device)
+            elif split.x is not None:
                 split.x, split.y = split.x.to(device), split.y.to(device)
         return self
+
+    def example(self, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A model input of `batch` samples: C x H x W images, or windows of block_size tokens."""
+        if self.task.name == "language_modeling":
+            return torch.zeros(batch, self.block_size, dtype=torch.long, device=device)
+        return torch.zeros(batch, self.channels, self.image_size, self.image_size, device=device)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -98,19 +112,20 @@ def batches(
     the same length on every rank (DistributedSampler), evaluation splits it without repeats."""
     order = epoch_order(len(split), seed, epoch, shuffle)
     if shard:  # a data-parallel run: this process's share of the epoch
-        from modrun.core.collectives import rank, shard_order, world_size
-
         order = shard_order(len(split), seed, epoch, shuffle) if shard == "train" else order[rank() :: world_size()]
     chunks = list(order.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()
     chunks = chunks[start:]
+    if hasattr(split, "tokens"):  # windows of a token stream: (inputs, next tokens)
+        for idx in chunks:
+            yield (*split.window(idx, seed, epoch), idx)
+        return
     if split.x is not None:
         for idx in chunks:
             idx = idx.to(split.x.device)
             yield split.x[idx], split.y[idx], idx
         return
-    from modrun.components.data.loader import read_batches  # file-backed: one DataLoader per split, workers kept
 
     yield from read_batches(split, chunks, num_workers, device, prefetch_factor)
 
@@ -123,6 +138,7 @@ class Preprocess:
     """
 
     def __init__(self, data: Data, device: torch.device, crop_padding: int = 0, hflip: bool = False) -> None:
+        self.tokens = data.task.name == "language_modeling"  # token ids pass through as they are
         self.mean = torch.tensor(data.mean or [0.0] * data.channels, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std or [1.0] * data.channels, device=device).view(1, -1, 1, 1)
         self.crop_padding, self.hflip = crop_padding, hflip
@@ -133,6 +149,8 @@ class Preprocess:
         return self.crop_padding > 0 or self.hflip
 
     def __call__(self, x: torch.Tensor, augment_seed: int | None = None) -> torch.Tensor:
+        if self.tokens:
+            return x
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         if augment_seed is not None and self.random:
             gen = torch.Generator(device=x.device).manual_seed(augment_seed)

@@ -28,7 +28,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        from PIL import Image  # Pillow comes with the vision extra; only image folders need it
 
         with Image.open(self.files[i]) as img:
             img = img.convert(self.mode).resize((self.image_size, self.image_size), Image.BILINEAR)

@@ -23,3 +23,24 @@ for _depth in (20, 32, 56, 110):
         f"modrun.components.models.resnet:resnet{_depth}",
         f"CIFAR-style ResNet-{_depth} (He et al. 2016), 3 stages, width multiplier",
     )
+MODELS.lazy(
+    "gpt",
+    "modrun.components.models.gpt:gpt",
+    "decoder-only transformer LM (GPT-2 layout; n_layer, n_head, n_embd, learned or rotary positions)",
+)
+MODELS.lazy("vit", "modrun.components.models.vit:vit", "vision transformer for small images (patch, depth, heads, dim)")
+
+MODELS.lazy(
+    "hf",
+    "modrun.components.models.hf:hf",
+    "a local Hugging Face causal LM folder (model.path) or config (model.arch); extra modrun[hf]",
+)
+
+# the task each built-in model serves (the data must declare the same); a model of one's own declares it as an
+# attribute of its factory (`my_lm.task = "language_modeling"`), or is not checked
+MODEL_TASKS = {
+    "gpt": "language_modeling",
+    "hf": "language_modeling",
+    **{name: "classification" for name in ("mlp", "cnn_small", "resnet", "resnet20", "resnet32", "resnet56", "vit")},
+    "resnet110": "classification",
+}

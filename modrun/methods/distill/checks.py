@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: validation runs these checks before torch is loaded
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from modrun.components.build import model_from_run
+from modrun.components.build import build_model, model_from_run
 from modrun.components.data.base import Data
 from modrun.core.artifacts import load_into, load_state, run_weights, sha256
 from modrun.core.errors import UserError
@@ -39,7 +39,6 @@ def load_teachers(
     cfg: DictConfig, data: Data, device: torch.device, trained: bool = False
 ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
     """Every teacher of a distillation, frozen, with a record of where each came from."""
-    from modrun.components.build import build_model
 
     t = cfg.teacher
     runs = list(t.run) if isinstance(t.run, ListConfig) else ([t.run] if t.run else [])

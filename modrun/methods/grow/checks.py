@@ -23,8 +23,6 @@ def check(cfg: DictConfig) -> list[str]:
         errors.append(f"source.checkpoint={s.checkpoint}: no such file")
     if s.run and s.checkpoint:
         errors.append("source.run and source.checkpoint are both set; give one")
-    if int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("nodes", 1)) > 1:
-        errors.append("trainer.devices>1: modrun grow runs in one process (train the grown run on several later)")
     if g.name not in GROWERS:
         return [*errors, f"grow.name={g.name}: no such growth method{did_you_mean(str(g.name), GROWERS)}"]
     if g.name == "stack" and g.get("order") not in ORDERS:

@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from modrun.core.errors import UserError
+from modrun.core.registry import KD_METHODS
 from modrun.engine.objectives import StepSeeded
-from modrun.methods.distill.base import Outputs
+from modrun.methods.distill import TERM_KEYS
+from modrun.methods.distill.base import KDContext, Outputs
 
 Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka
 
@@ -86,11 +88,6 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
 
 def inplace_terms(kd: DictConfig | None, num_classes: int, num_samples: int) -> dict[str, tuple[float, nn.Module]]:
     """The kd group's terms as (weight, method) pairs, each method a loss over (sub-size, full-model) logits."""
-    from omegaconf import OmegaConf
-
-    from modrun.core.registry import KD_METHODS
-    from modrun.methods.distill import TERM_KEYS
-    from modrun.methods.distill.base import KDContext
 
     terms = {}
     for key, node in ((kd or {}).get("terms") or {}).items():

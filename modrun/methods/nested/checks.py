@@ -6,8 +6,10 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
+from modrun.components.drybuild import build_on_meta
 from modrun.core.errors import UserError
 from modrun.core.values import is_number
+from modrun.methods.distill.checks import check_kd_values
 from modrun.methods.nested.base import block_stages, classifier, depths, keep_blocks, sizes
 
 LOGIT_METHODS = ("kd", "dkd", "dist", "logit_std")  # the KD methods in-place distillation can use
@@ -91,7 +93,6 @@ def check_kd(cfg: DictConfig) -> list[str]:
             errors.append(
                 f"kd.terms.{key} ({name}): in-place distillation takes logit methods: {', '.join(LOGIT_METHODS)}"
             )
-    from modrun.methods.distill.checks import check_kd_values
 
     return errors + check_kd_values(cfg)
 
@@ -111,8 +112,6 @@ def check_train(cfg: DictConfig) -> list[str]:
             "set trainer.compile=false"
         )
     try:
-        from modrun.components.drybuild import build_on_meta
-
         check(cfg, build_on_meta(cfg.model))
     except UserError as e:
         errors += e.messages

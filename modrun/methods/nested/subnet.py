@@ -16,9 +16,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save
 from torch import nn
 
+from modrun.components.build import build_model
+from modrun.components.data.base import Preprocess, batches
 from modrun.components.shapes import SHAPES_FILE, apply_shapes, read_shapes
+from modrun.core.plots import accuracy_vs_params
+from modrun.core.runfolder import atomic_write, write_json
+from modrun.engine.evaluation import scores_and_cost
 from modrun.methods.nested.base import Size, block_stages, classifier, keep, keep_blocks, size_name, sizes
 
 MODEL_FILE = "model.yaml"
@@ -108,7 +114,6 @@ def recalibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 def calibration_batches(data: Any, prep: Any, batch_size: int, count: int = 20) -> list[torch.Tensor]:
     """The first `count` training batches of a fixed order, without augmentation: the same every time."""
-    from modrun.components.data.base import batches
 
     out = []
     for x, _, _ in batches(data.train, batch_size, seed=0, epoch=0, shuffle=True, device=prep.device):
@@ -133,8 +138,6 @@ def size_row(size: Size) -> dict[str, Any]:
 
 def report(cfg: DictConfig, model: nn.Module, data: Any, device: torch.device) -> list[dict[str, Any]]:
     """Accuracy, parameters, MACs and latency of every size of a nested run, in the order of `sizes`."""
-    from modrun.components.data.base import Preprocess
-    from modrun.engine.evaluation import scores_and_cost
 
     prep, bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
     rows = []
@@ -152,7 +155,6 @@ def label(row: dict[str, Any]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Any) -> bool:
     """Test accuracy against parameters, one point per size (matplotlib is optional)."""
-    from modrun.core.plots import accuracy_vs_params
 
     return accuracy_vs_params(rows, [label(r) for r in rows], path, "nested sub-networks")
 
@@ -170,9 +172,6 @@ def export(
 ) -> nn.Module:
     """The model of one size, ready to evaluate, also saved under nested/<size>/ (nested/<size>_<weights> for
     the best or last checkpoint's weights) so it deploys on its own."""
-    from safetensors.torch import save
-
-    from modrun.core.runfolder import atomic_write, write_json
 
     sub, shapes = size_model(model, size, data, prep, int(cfg.data.batch_size))
     folder = Path(run_dir) / "nested" / (size_name(size) + ("" if weights == "final" else f"_{weights}"))
@@ -187,9 +186,6 @@ def export(
 
 def load(folder: Path) -> nn.Module:
     """A saved size (nested/<size>/) as a model of its own: build model.yaml, apply the shapes, load weights."""
-    from safetensors.torch import load_file
-
-    from modrun.components.build import build_model
 
     folder = Path(folder)
     model = build_model(OmegaConf.load(folder / MODEL_FILE))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from modrun.core import checkpoint
+from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
 from modrun.engine.phases import done_path, run_phase
 from modrun.methods.prune.context import PruneContext
@@ -33,6 +34,7 @@ class IMPPruner(MaskPruner):
         self.run_dir = ctx.run_dir
         self.rewind_path = ctx.run_dir / "checkpoints" / "imp_rewind.pt"
         self.round = 0
+        self._rewind_state: dict[str, torch.Tensor] | None = None  # this session's; the file is for a resume
 
     def start(self, total_steps: int) -> None:
         if self.rewind_step == 0 and not self.rewind_path.exists():
@@ -44,12 +46,17 @@ class IMPPruner(MaskPruner):
         self.apply()
 
     def _save_rewind_point(self) -> None:
-        self.rewind_path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(self.rewind_path, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if is_main():  # data-parallel: every process holds the same weights; rank 0 writes
+            self.rewind_path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.save(self.rewind_path, self._rewind_state)
 
     def rewind(self) -> None:
         """Surviving weights back to the rewind point; pruned ones stay zero."""
-        self.model.load_state_dict(checkpoint.load(self.rewind_path, next(self.model.parameters()).device))
+        state = self._rewind_state
+        if state is None:  # a resumed run: the point saved by the first session
+            state = checkpoint.load(self.rewind_path, next(self.model.parameters()).device)
+        self.model.load_state_dict(state)
         self.apply()
 
     def sparsity_after(self, r: int) -> float:

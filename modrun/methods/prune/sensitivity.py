@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
+from modrun.core.plots import pyplot
 from modrun.methods.prune.context import PruneContext
 
 log = logging.getLogger("modrun")
@@ -39,11 +41,12 @@ class Sensitivity:
                 f"sensitivity {name}: "
                 + ", ".join(f"{r['sparsity']:.2f}->{r['val_top1']:.1f}" for r in rows if r["layer"] == name)
             )
-        with open(run_dir / "sensitivity.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["layer", "sparsity", "val_top1", "params"])
-            writer.writeheader()
-            writer.writerows(rows)
-        plot(rows, base, run_dir / "sensitivity.png")
+        if is_main():  # data-parallel: every process measured the same rows; rank 0 writes them
+            with open(run_dir / "sensitivity.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["layer", "sparsity", "val_top1", "params"])
+                writer.writeheader()
+                writer.writerows(rows)
+            plot(rows, base, run_dir / "sensitivity.png")
         suggestion, overall = suggest(rows, base, self.target)
         log.info(
             f"suggested per-layer sparsity for a global {self.target:.2f}: "
@@ -86,7 +89,6 @@ def suggest(rows: list[dict], base: float, target: float) -> tuple[dict[str, flo
 
 
 def plot(rows: list[dict], base: float, path: Path) -> None:
-    from modrun.core.plots import pyplot
 
     plt = pyplot()
     if plt is None:

@@ -8,14 +8,43 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from modrun.methods.stitch import FAMILIES, STAGES, data_mismatch, family
 
+ANCHOR_KEYS = ("model", "seed", "epochs", "overrides")  # an anchor given as a config, trained first
+
+
+def anchor_model(anchor: DictConfig) -> dict:
+    """The model node of an anchor given as a config: `model: cnn_small` or `model: {name: cnn_small, width: 8}`."""
+    model = anchor.get("model")
+    return {"name": model} if isinstance(model, str) else OmegaConf.to_container(model, resolve=True)
+
+
+def _config_problem(i: int, anchor: DictConfig) -> str | None:
+    unknown = [k for k in anchor if k not in ANCHOR_KEYS]
+    if unknown:
+        return f"anchors.{i}.{unknown[0]}: unknown key; an anchor config takes {', '.join(ANCHOR_KEYS)}"
+    model = anchor.get("model")
+    if not (isinstance(model, str) or (isinstance(model, DictConfig) and isinstance(model.get("name"), str))):
+        return f"anchors.{i}.model={_show(model)}: expected a model name or a node with a name ({{name: cnn_small}})"
+    return None
+
 
 def check(cfg: DictConfig) -> list[str]:
     anchors = cfg.anchors
     if not isinstance(anchors, ListConfig) or len(anchors) != 2:
-        usage = "anchors=[runs/train/<small>,runs/train/<large>]"
-        return [f"anchors={_show(anchors)}: give exactly two run folders, {usage}"]
+        usage = "anchors=[runs/train/<small>,runs/train/<large>] or anchors=[{model: ...},{model: ...}]"
+        return [f"anchors={_show(anchors)}: give exactly two run folders or model configs, {usage}"]
     nodes, errors, other_data = [], [], {}
-    for run in map(Path, map(str, anchors)):
+    for i, anchor in enumerate(anchors):
+        if isinstance(anchor, DictConfig):  # trained first on this run's data (runner.prerequisites)
+            problem = _config_problem(i, anchor)
+            if problem:
+                errors.append(problem)
+                continue
+            node = anchor_model(anchor)
+            if family(node) is None:
+                errors.append(f"anchors.{i}: cannot stitch model '{node.get('name')}'; supported: {_supported()}")
+            nodes.append(node)
+            continue
+        run = Path(str(anchor))
         if not (run / "config.yaml").is_file():
             errors.append(f"anchors: {run} is not a modrun run folder (no config.yaml)")
             continue

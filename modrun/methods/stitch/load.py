@@ -6,16 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from modrun.components.build import model_from_run
+from modrun.core import checkpoint
 from modrun.core.errors import UserError
 from modrun.core.runfolder import read_json
+from modrun.core.values import take_overrides
 from modrun.methods.stitch import STITCH_FILE
 from modrun.methods.stitch.net import StitchNet
 
 
 def stitch_point(run_dir: Path, command: str, overrides: list[str]) -> tuple[int | None, list[str]]:
     """`stitch.point=k` picks one point of a stitch run; returns it and the other overrides."""
-    from modrun.core.values import take_overrides
 
     picked, rest = take_overrides(overrides, ("stitch.point",))
     if not picked:
@@ -32,8 +35,6 @@ def stitch_point(run_dir: Path, command: str, overrides: list[str]) -> tuple[int
 def stitched_from_run(run_dir: Path, data: object, device: torch.device, weights: str, point: int | None) -> StitchNet:
     """The stitch net of a run with its trained stitches, set to run `point` (default: the run's eval point, whose
     test accuracy summary.json `final` records)."""
-    from modrun.components.build import model_from_run
-    from modrun.core import checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / STITCH_FILE).exists():
@@ -44,8 +45,6 @@ def stitched_from_run(run_dir: Path, data: object, device: torch.device, weights
     channels = {int(k): (int(cs), int(cl)) for k, (cs, cl) in record["channels"].items()}
     net = StitchNet(small, large, channels, int(record["eval_point"])).to(device)
     if weights == "final":
-        from safetensors.torch import load_file
-
         state = load_file(run_dir / "model.safetensors", device=str(device))
         net.stitches.load_state_dict({k.removeprefix("stitches."): v for k, v in state.items()})
     elif weights in ("best", "last"):

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modrun.components.data.base import Preprocess
+from modrun.core.plots import accuracy_vs_params
+from modrun.engine.evaluation import scores_and_cost
 from modrun.engine.objectives import StepSeeded
 
 
@@ -92,8 +95,6 @@ class StitchObjective(StepSeeded):
 def report(net: StitchNet, points: list[int], data: Any, device: torch.device, batch_size: int) -> list[dict]:
     """Accuracy, parameters (of the modules a model actually uses), MACs and batch-1 latency of both anchors and
     every stitch point, fewest parameters first."""
-    from modrun.components.data.base import Preprocess
-    from modrun.engine.evaluation import scores_and_cost
 
     prep = Preprocess(data, device)
     models = [("small", None, net.small), ("large", None, net.large)]
@@ -108,7 +109,6 @@ def report(net: StitchNet, points: list[int], data: Any, device: torch.device, b
 
 def plot(rows: list[dict[str, Any]], path: Any) -> bool:
     """Test accuracy against parameters: the stitched models as a line, the anchors also as stars."""
-    from modrun.core.plots import accuracy_vs_params
 
     anchors = tuple(i for i, r in enumerate(rows) if r["point"] is None)
     return accuracy_vs_params(rows, [r["model"] for r in rows], path, "stitchable network", anchors)

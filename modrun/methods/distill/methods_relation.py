@@ -125,12 +125,13 @@ class CRD(nn.Module):
 
     def _nce(self, scores_s: torch.Tensor, scores_t: torch.Tensor) -> torch.Tensor:
         n = self.memory_s.shape[0]
-        exp_s, exp_t = scores_s.exp(), scores_t.exp()
+        # at least float32: under 16-bit autocast exp(score / T) would carry 3 significant digits
+        exp_s, exp_t = (x.to(torch.promote_types(x.dtype, torch.float32)).exp() for x in (scores_s, scores_t))
         with torch.no_grad():  # Z = N * E[exp(score / T)] over the first batch, then fixed (no host sync)
             first = torch.stack([exp_s.mean(), exp_t.mean()]) * n
             self.z.copy_(torch.where(self.z < 0, first, self.z))
         noise = self.k / n  # k * P_noise, P_noise = 1 / N
-        loss = scores_s.new_zeros(())
+        loss = exp_s.new_zeros(())
         for p in (exp_s / self.z[0], exp_t / self.z[1]):
             log_d1 = torch.log(p[:, 0] / (p[:, 0] + noise + self.eps))  # the positive is data
             log_d0 = torch.log(noise / (p[:, 1:] + noise + self.eps))  # each negative is noise

@@ -27,7 +27,8 @@ def modrun(*args: str) -> Path:
     )
     if out.returncode != 0:
         raise SystemExit(f"modrun {' '.join(args)} failed:\n{out.stderr[-2000:]}")
-    return Path(out.stderr.strip().splitlines()[-1].split("completed: ", 1)[1])
+    # "completed: <metrics>  <run folder>" (soup: "completed: <run folder>")
+    return Path(out.stderr.strip().splitlines()[-1].split("completed: ", 1)[1].rsplit("  ", 1)[-1])
 
 
 def read(run: Path, name: str = "summary.json") -> Any:

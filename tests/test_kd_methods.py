@@ -121,8 +121,8 @@ def test_pkt_zero_for_same_kernel_and_hand_case():
         Outputs(torch.zeros(2, 3), [f]), Outputs(torch.zeros(2, 3), [f]), Y, IDX
     ).item() == pytest.approx(0, abs=1e-6)
     ft = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    # student kernel rows (1, 1/2)/(3/2) = (2/3, 1/3); teacher rows (1, 1)/2
-    expected = 2 * (0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))) / 2
+    # student kernel rows (1, 1/2)/(3/2) = (2/3, 1/3); teacher rows (1, 1)/2; mean over the 2 x 2 entries
+    expected = 2 * (0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))) / 4
     got = method("pkt")(Outputs(torch.zeros(2, 3), [f]), Outputs(torch.zeros(2, 3), [ft]), Y, IDX).item()
     assert got == pytest.approx(expected, rel=1e-4)
 
@@ -138,7 +138,7 @@ def test_rkd_is_invariant_to_scale_and_zero_for_same_geometry():
 
 
 def test_crd_infonce_against_memory_bank():
-    m = method("crd", ctx([(2,)], [(2,)], num_samples=3), feat_dim=2, nce_k=2, nce_t=1.0)
+    m = method("crd", ctx([(2,)], [(2,)], num_samples=3), feat_dim=2, nce_k=2, nce_t=1.0, objective="infonce")
     for lin in (m.embed_s, m.embed_t):
         lin.weight.data, lin.bias.data = torch.eye(2), torch.zeros(2)
     m.memory_s.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))

@@ -178,7 +178,8 @@ def test_bad_input_found_late_leaves_no_folder(tmp_path):
 
 
 def test_distill_with_cache_and_memory_bank_resumes_bitwise(tmp_path):
-    """Adapters, the CRD memory bank and the teacher cache all live across a SIGKILL."""
+    """Adapters, the CRD memory bank and its NCE constant Z, the teacher cache and DKD's warm-up (a function of
+    the epoch) all live across a SIGKILL."""
     (tmp_path / "slowplugin.py").write_text(PLUGIN)
     env = _env(tmp_path, 0)
     teacher = cli_subprocess("train", "--runs-dir", "t", "trainer.epochs=1", "model.width=8", cwd=tmp_path, env=env)
@@ -187,8 +188,9 @@ def test_distill_with_cache_and_memory_bank_resumes_bitwise(tmp_path):
     args = [
         *ARGS,
         f"teacher.run={teacher_run}",
-        "kd=[crd,fitnet]",
+        "kd=[crd,fitnet,dkd]",
         "kd.terms.crd.nce_k=32",
+        "kd.terms.dkd.warmup_epochs=3",
         "kd.cache_teacher=true",
         "data.augment.crop_padding=0",
     ]

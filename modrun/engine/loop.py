@@ -52,6 +52,9 @@ class Objective:
         loss = F.cross_entropy(*Task.flat(logits, y))  # images: (B, classes); text: every token of (B, T, vocab)
         return loss, logits, {}
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (0-based; a resumed run gets the epoch it resumes in)."""
+
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (pruning masks hook in here)."""
 
@@ -190,6 +193,7 @@ def fit(
     with stop, Progress(total_steps, initial=state.step, enabled=t.progress and main) as bar, metrics:
         while state.epoch < int(t.epochs):
             objective.model.train()
+            objective.start_epoch(state.epoch)
             start = state.step - state.epoch * steps_per_epoch
             for x, y, idx in batches(
                 data.train,

@@ -46,6 +46,9 @@ class PruneObjective(Objective):
     def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
         return self.inner.loss(x, y, idx)
 
+    def start_epoch(self, epoch: int) -> None:
+        self.inner.start_epoch(epoch)
+
     def after_step(self, step: int) -> None:
         self.inner.after_step(step)
         self.pruner.after_step(step)

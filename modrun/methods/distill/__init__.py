@@ -23,4 +23,4 @@ KD_METHODS.lazy("rkd", f"{_R}:RKD", "relational KD: pairwise distances and tripl
 KD_METHODS.lazy("crd", f"{_R}:CRD", "contrastive representation distillation, memory bank (Tian et al. 2020)")
 
 # keys of a kd term that the runner reads; the others are the method's own arguments
-TERM_KEYS = {"name", "weight", "student_layer", "teacher_layer"}
+TERM_KEYS = {"name", "weight", "student_layer", "teacher_layer", "warmup_epochs"}

@@ -25,6 +25,12 @@ class Outputs:
     feats: list[torch.Tensor] = field(default_factory=list)
 
 
+def warmup_factor(epoch: int, warmup_epochs: float) -> float:
+    """A term's ramp in (0-based) `epoch`: min(epoch / warmup, 1) with epochs counted from 1, as in the DKD and
+    ReviewKD reference trainer (mdistiller), so the first epoch gets 1 / warmup; 1 without a warm-up."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 def flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 

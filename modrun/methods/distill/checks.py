@@ -40,7 +40,8 @@ def check(cfg: DictConfig) -> list[str]:
 # KD hyper-parameters by name, wherever they appear under kd (terms, m2m): > 0, or >= 0
 POSITIVE = {"temperature", "nce_t", "feat_dim", "nce_k", "mid_channels", "p", "eps", "init_pred_var"}
 NON_NEGATIVE = {"weight", "task_weight", "stage_weight", "logit_weight", "alpha", "beta", "gamma", "epochs"}
-NON_NEGATIVE |= {"distance_weight", "angle_weight", "nce_m"}
+NON_NEGATIVE |= {"distance_weight", "angle_weight", "nce_m", "warmup_epochs"}
+CHOICES = {"objective": ("nce", "infonce")}  # crd
 
 
 def check_kd_values(cfg: DictConfig) -> list[str]:
@@ -53,6 +54,8 @@ def check_kd_values(cfg: DictConfig) -> list[str]:
         for key, value in node.items():
             if isinstance(value, DictConfig):
                 nodes.append((f"{path}.{key}", value))
+            elif key in CHOICES and value not in CHOICES[key]:
+                errors.append(f"{path}.{key}={value}: expected one of {', '.join(CHOICES[key])}")
             elif is_number(value):
                 if key in POSITIVE and not value > 0:
                     errors.append(f"{path}.{key}={value}: must be > 0")

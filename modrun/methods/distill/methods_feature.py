@@ -71,23 +71,36 @@ class SP(nn.Module):
         return loss
 
 
+def pool_to_common(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two feature maps down to the other's size (VID's dimension match)."""
+    if fs.dim() != 4 or ft.dim() != 4:
+        return fs, ft
+    size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
+    pool = lambda f: f if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(f, size)  # noqa: E731
+    return pool(fs), pool(ft)
+
+
 class VID(nn.Module):
-    """Maximise a Gaussian likelihood of teacher features given student features (learned mean and variance)."""
+    """Maximise a Gaussian likelihood of teacher features given student features (learned mean and variance).
+
+    As in the authors' code: maps are pooled to a common size first, then a bias-free 1x1 conv regressor
+    predicts the mean; one variance per teacher channel; the negative log-likelihood is averaged over all
+    elements."""
 
     def __init__(self, ctx: KDContext, init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
-        self.regressors, self.log_scales, self.sizes = nn.ModuleList(), nn.ParameterList(), []
+        self.regressors, self.log_scales = nn.ModuleList(), nn.ParameterList()
         for s_shape, t_shape in zip(ctx.student_shapes, ctx.teacher_shapes, strict=True):
             if len(s_shape) == 3 and len(t_shape) == 3:
                 c_in, c_out = s_shape[0], t_shape[0]
                 self.regressors.append(
                     nn.Sequential(
-                        nn.Conv2d(c_in, c_out, 1),
+                        nn.Conv2d(c_in, c_out, 1, bias=False),
                         nn.ReLU(),
-                        nn.Conv2d(c_out, c_out, 1),
+                        nn.Conv2d(c_out, c_out, 1, bias=False),
                         nn.ReLU(),
-                        nn.Conv2d(c_out, c_out, 1),
+                        nn.Conv2d(c_out, c_out, 1, bias=False),
                     )
                 )
                 shape = (1, c_out, 1, 1)
@@ -96,15 +109,12 @@ class VID(nn.Module):
                 shape = (1, int(torch.Size(t_shape).numel()))
             # softplus(log_scale) + eps starts at init_pred_var
             self.log_scales.append(nn.Parameter(torch.full(shape, math.log(math.exp(init_pred_var - eps) - 1.0))))
-            self.sizes.append(_spatial(t_shape))
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         loss = s.logits.new_zeros(())
-        for reg, log_scale, size, fs, ft in zip(
-            self.regressors, self.log_scales, self.sizes, s.feats, t.feats, strict=True
-        ):
+        for reg, log_scale, fs, ft in zip(self.regressors, self.log_scales, s.feats, t.feats, strict=True):
+            fs, ft = pool_to_common(fs, ft)
             mean = reg(fs)
-            mean = match_spatial(mean, size) if size else mean
             var = F.softplus(log_scale) + self.eps
             target = ft.reshape(mean.shape)
             loss = loss + (0.5 * ((mean - target).pow(2) / var + var.log())).mean()
@@ -119,21 +129,30 @@ class ABF(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.BatchNorm2d(c_mid))
         self.conv2 = nn.Sequential(nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
         self.att = nn.Sequential(nn.Conv2d(2 * c_mid, 2, 1), nn.Sigmoid()) if fuse else None
+        for conv in (self.conv1[0], self.conv2[0]):
+            nn.init.kaiming_uniform_(conv.weight, a=1)  # the authors' initialisation
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output at the teacher's `size`, and the fused feature passed on to the next (shallower) level."""
         x = self.conv1(x)
         if self.att is not None and residual is not None:
             residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
             z = self.att(torch.cat([x, residual], dim=1))
             x = x * z[:, :1] + residual * z[:, 1:]
+        if tuple(x.shape[-2:]) != tuple(size):  # resized before the 3x3 conv, as in the original
+            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv2(x), x
 
 
 def hcl(fs: torch.Tensor, ft: torch.Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> torch.Tensor:
-    """Hierarchical context loss: MSE at full resolution plus pooled pyramids, halving the weight each level."""
+    """Hierarchical context loss: MSE at full resolution plus pooled pyramids, halving the weight each level.
+
+    A level is used when it is smaller than the map's height, as in the original."""
     loss, weight, total = F.mse_loss(fs, ft), 1.0, 1.0
     for level in levels:
-        if level >= fs.shape[-1]:
+        if level >= fs.shape[-2]:
             continue
         weight /= 2.0
         loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
@@ -154,11 +173,11 @@ class ReviewKD(nn.Module):
             ABF(ctx.student_shapes[i][0], mid_channels, ctx.teacher_shapes[i][0], fuse=i < n - 1)
             for i in reversed(range(n))
         )
-        self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
+        self.sizes = [tuple(t[-2:]) for t in ctx.teacher_shapes]
 
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         outs, residual = [], None
-        for abf, feat in zip(self.abfs, reversed(s.feats), strict=True):
-            out, residual = abf(feat, residual)
+        for abf, feat, size in zip(self.abfs, reversed(s.feats), reversed(self.sizes), strict=True):
+            out, residual = abf(feat, residual, size)
             outs.insert(0, out)
-        return sum(hcl(match_spatial(o, size), ft) for o, size, ft in zip(outs, self.sizes, t.feats, strict=True))
+        return sum(hcl(o, ft) for o, ft in zip(outs, t.feats, strict=True))

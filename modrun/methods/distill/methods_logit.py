@@ -28,7 +28,10 @@ class HintonKD(nn.Module):
 
 
 class DKD(nn.Module):
-    """Decoupled KD: alpha * TCKD (target vs rest, binary) + beta * NCKD (among non-target classes)."""
+    """Decoupled KD: alpha * TCKD (target vs rest, binary) + beta * NCKD (among non-target classes).
+
+    Both KLs are summed over classes, averaged over the batch and multiplied by T^2, as in the reference
+    (mdistiller). Its warm-up (the loss ramped in over the first epochs) is the term's `warmup_epochs`."""
 
     def __init__(self, ctx: KDContext, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0) -> None:
         super().__init__()
@@ -38,10 +41,13 @@ class DKD(nn.Module):
         temp = self.temperature
         gt = F.one_hot(y, s.logits.shape[1]).bool()
         ps, pt = F.softmax(s.logits / temp, dim=1), F.softmax(t.logits / temp, dim=1)
-        # binary (target, non-target) distributions
-        bs = torch.stack([ps[gt], ps.masked_fill(gt, 0).sum(1)], dim=1).clamp_min(1e-12)
-        bt = torch.stack([pt[gt], pt.masked_fill(gt, 0).sum(1)], dim=1).clamp_min(1e-12)
-        tckd = (bt * (bt.log() - bs.log())).sum(1).mean() * temp**2
+        # binary (target, non-target) distributions, the non-target mass summed as in the reference
+        bs = torch.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], dim=1)
+        bt = torch.stack([(pt * gt).sum(1), (pt * ~gt).sum(1)], dim=1)
+        # KL(bt || bs): a teacher probability of 0 contributes 0 (xlogy), as in F.kl_div; the reference takes
+        # log(bs) unclamped, here it is floored at the smallest normal float only so log(0) cannot give inf
+        log_bs = bs.clamp_min(torch.finfo(bs.dtype).tiny).log()
+        tckd = (torch.xlogy(bt, bt) - bt * log_bs).sum(1).mean() * temp**2
         # distributions over the non-target classes only (the target logit is pushed to -inf)
         log_ps_nt = F.log_softmax(s.logits / temp - 1000.0 * gt, dim=1)
         log_pt_nt = F.log_softmax(t.logits / temp - 1000.0 * gt, dim=1)

@@ -16,7 +16,7 @@ from modrun.core.errors import UserError
 from modrun.core.registry import KD_METHODS
 from modrun.engine.loop import Objective
 from modrun.methods.distill import TERM_KEYS
-from modrun.methods.distill.base import KDContext, Outputs
+from modrun.methods.distill.base import KDContext, Outputs, warmup_factor
 from modrun.methods.distill.cache import TeacherCache
 from modrun.methods.distill.capture import Capture, resolve_layers
 
@@ -27,6 +27,7 @@ class Term:
     weight: float
     student_paths: list[str]
     teacher_paths: list[list[str]]  # per teacher
+    warmup_epochs: float = 0.0  # the weight ramps in over these epochs (DKD, ReviewKD recipes)
 
 
 class DistillObjective(Objective):
@@ -44,6 +45,7 @@ class DistillObjective(Objective):
         for t in teachers:
             t.eval().requires_grad_(False)
         self.task_weight = float(kd.task_weight)
+        self.epoch = 0  # set by the loop before each epoch (term warm-ups)
         self.each = kd.teacher_mode == "each"
         self.terms: list[Term] = []
         for key, node in kd.terms.items():
@@ -51,7 +53,8 @@ class DistillObjective(Objective):
             t_paths = [resolve_layers(t, node.get("teacher_layer"), f"kd.terms.{key}.teacher_layer") for t in teachers]
             if any(len(p) != len(s_paths) for p in t_paths):
                 raise UserError(f"kd.terms.{key}: student_layer and teacher_layer must name as many layers")
-            self.terms.append(Term(str(key), float(node.weight), s_paths, t_paths))
+            warmup = float(node.get("warmup_epochs") or 0)
+            self.terms.append(Term(str(key), float(node.weight), s_paths, t_paths, warmup))
         self.s_capture = Capture(student, [p for term in self.terms for p in term.student_paths])
         self.t_captures = [
             Capture(t, [p for term in self.terms for p in term.teacher_paths[i]]) for i, t in enumerate(teachers)
@@ -85,6 +88,9 @@ class DistillObjective(Objective):
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "kd": self.methods}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # from the loop's state, so a resumed run continues with the same warm-up
 
     def _teacher_forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         outputs = []
@@ -134,7 +140,7 @@ class DistillObjective(Objective):
                 for method, v in zip(self.methods[term.key], views, strict=True)
             ) / len(views)
             parts[f"kd_{term.key}"] = value.detach()
-            total = total + term.weight * value
+            total = total + term.weight * warmup_factor(self.epoch, term.warmup_epochs) * value
         return total, logits, parts
 
     def extra_state(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from modrun.core.errors import UserError
 from modrun.core.registry import KD_METHODS
 from modrun.engine.objectives import StepSeeded
 from modrun.methods.distill import TERM_KEYS
-from modrun.methods.distill.base import KDContext, Outputs
+from modrun.methods.distill.base import KDContext, Outputs, warmup_factor
 
 Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka
 
@@ -86,14 +86,16 @@ def slim(model: nn.Module, width: float, depth: float = 1.0) -> Iterator[None]:
             bn.momentum = momentum
 
 
-def inplace_terms(kd: DictConfig | None, num_classes: int, num_samples: int) -> dict[str, tuple[float, nn.Module]]:
-    """The kd group's terms as (weight, method) pairs, each method a loss over (sub-size, full-model) logits."""
+def inplace_terms(
+    kd: DictConfig | None, num_classes: int, num_samples: int
+) -> dict[str, tuple[float, float, nn.Module]]:
+    """The kd group's terms as (weight, warm-up epochs, method), each method a loss over (sub-size, full) logits."""
 
     terms = {}
     for key, node in ((kd or {}).get("terms") or {}).items():
         args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in TERM_KEYS}
         method = KD_METHODS.get(node.get("name", key))(KDContext([], [], num_classes, num_samples), **args)
-        terms[str(key)] = (float(node.weight), method)
+        terms[str(key)] = (float(node.weight), float(node.get("warmup_epochs") or 0), method)
     return terms
 
 
@@ -132,6 +134,10 @@ class NestedObjective(StepSeeded):
         self.node, self.seed, self.step = node, seed, 0
         self.sizes = sizes(node)
         self.kd = kd or {}  # from inplace_terms()
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         if self.node.name == "matryoshka":
@@ -148,10 +154,10 @@ class NestedObjective(StepSeeded):
             terms[f"ce_{size_name((w, d))}"] = loss.detach()
             if full is not None:  # a smaller size: the full model's logits teach it
                 teacher = Outputs(full.detach())
-                for key, (weight, method) in self.kd.items():
+                for key, (weight, warmup, method) in self.kd.items():
                     kd = method(Outputs(logits), teacher, y, idx)
                     terms[f"{key}_{size_name((w, d))}"] = kd.detach()
-                    loss = loss + weight * kd
+                    loss = loss + weight * warmup_factor(self.epoch, warmup) * kd
             full = logits if full is None else full
             total = total + loss
         return total / len(pairs), full, terms

@@ -60,6 +60,11 @@ class TeacherCache:
 def check_cache(cfg: DictConfig) -> list[str]:
     """The teacher cache assumes a sample's teacher outputs never change: no random augmentation."""
     aug = cfg.data.get("augment") or {}
+    if cfg.kd.cache_teacher and cfg.data.get("task") == "language_modeling":
+        return [
+            "kd.cache_teacher=true caches per training sample, but text windows are drawn anew every epoch "
+            "(not yet supported for language modeling: set kd.cache_teacher=false)"
+        ]
     if cfg.kd.cache_teacher and (aug.get("crop_padding") or aug.get("hflip")):
         return [
             "kd.cache_teacher=true needs deterministic inputs, but data.augment is random "

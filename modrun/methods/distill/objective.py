@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from modrun.components.data.base import Data
+from modrun.components.data.tasks import Task
 from modrun.core.errors import UserError
 from modrun.core.registry import KD_METHODS
 from modrun.engine.loop import Objective
@@ -28,6 +29,12 @@ class Term:
     student_paths: list[str]
     teacher_paths: list[list[str]]  # per teacher
     warmup_epochs: float = 0.0  # the weight ramps in over these epochs (DKD, ReviewKD recipes)
+
+
+def _items(logits: torch.Tensor) -> torch.Tensor:
+    """(items, classes): images as they are, the tokens of (B, T, vocab) windows as B * T rows, so that logit
+    methods (a mean over rows) average over tokens."""
+    return logits.reshape(-1, logits.shape[-1])
 
 
 class DistillObjective(Objective):
@@ -60,7 +67,7 @@ class DistillObjective(Objective):
             Capture(t, [p for term in self.terms for p in term.teacher_paths[i]]) for i, t in enumerate(teachers)
         ]
         # one forward of a blank batch tells every method the shapes it is built for
-        probe = torch.zeros(2, data.channels, data.image_size, data.image_size, device=device)
+        probe = data.example(2, device)  # images, or windows of tokens
         with torch.no_grad():
             student.eval()
             student(probe)
@@ -131,14 +138,16 @@ class DistillObjective(Objective):
         logits = self.model(x)
         s_feats = self.s_capture.take()
         views = t_out if self.each else [self._mean_view(t_out)]
-        task = F.cross_entropy(logits, y)
+        task = F.cross_entropy(*Task.flat(logits, y))
         total, parts = self.task_weight * task, {"task_loss": task.detach()}
+        items, targets = _items(logits), y.reshape(-1)  # a language model's every token is one prediction
         for term in self.terms:
-            s = Outputs(logits, [s_feats[p] for p in term.student_paths])
+            s = Outputs(items, [s_feats[p] for p in term.student_paths])
             value = sum(
-                method(s, Outputs(v["logits"], [v[f"{term.key}.{i}"] for i in range(len(term.student_paths))]), y, idx)
+                method(s, Outputs(_items(v["logits"]), [v[f"{term.key}.{i}"] for i in range(len(term.student_paths))]),
+                       targets, idx)
                 for method, v in zip(self.methods[term.key], views, strict=True)
-            ) / len(views)
+            ) / len(views)  # fmt: skip
             parts[f"kd_{term.key}"] = value.detach()
             total = total + term.weight * warmup_factor(self.epoch, term.warmup_epochs) * value
         return total, logits, parts

@@ -12,9 +12,7 @@ KD_METHODS.lazy("dkd", f"{_M}:DKD", "decoupled KD: target + non-target class par
 KD_METHODS.lazy("dist", f"{_M}:DIST", "inter/intra-class Pearson correlation of predictions (Huang et al. 2022)")
 KD_METHODS.lazy("logit_std", f"{_M}:LogitStd", "KD on z-score standardised logits (Sun et al. CVPR 2024)")
 _D = "modrun.methods.distill.methods_divergence"
-KD_METHODS.lazy(
-    "reverse_kl", f"{_D}:ReverseKL", "reverse KL(student || teacher), mode-seeking (MiniLLM, Gu 2024)"
-)
+KD_METHODS.lazy("reverse_kl", f"{_D}:ReverseKL", "reverse KL(student || teacher), mode-seeking (MiniLLM, Gu 2024)")
 KD_METHODS.lazy("jsd", f"{_D}:GeneralizedJSD", "generalised Jensen-Shannon JSD(beta) of GKD (Agarwal et al. 2024)")
 _F = "modrun.methods.distill.methods_feature"
 KD_METHODS.lazy("fitnet", f"{_F}:FitNet", "hint regression of features through a 1x1 adapter (Romero et al. 2015)")

@@ -25,10 +25,10 @@ for _depth in (20, 32, 56, 110):
     )
 MODELS.lazy(
     "gpt",
-    "modrun.components.models.gpt:gpt",
+    "modrun.components.models.gpt:GPT",
     "decoder-only transformer LM (GPT-2 layout; n_layer, n_head, n_embd, learned or rotary positions)",
 )
-MODELS.lazy("vit", "modrun.components.models.vit:vit", "vision transformer for small images (patch, depth, heads, dim)")
+MODELS.lazy("vit", "modrun.components.models.vit:ViT", "vision transformer for small images (patch, depth, heads, dim)")
 
 MODELS.lazy(
     "hf",

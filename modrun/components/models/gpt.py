@@ -58,17 +58,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
-
-
-def gpt(
-    vocab_size: int,
-    block_size: int,
-    n_layer: int = 4,
-    n_head: int = 4,
-    n_embd: int = 128,
-    dropout: float = 0.0,
-    pos: str = "learned",
-    tie_weights: bool = True,
-    mlp_ratio: float = 4.0,
-) -> nn.Module:
-    return GPT(vocab_size, block_size, n_layer, n_head, n_embd, dropout, pos, tie_weights, mlp_ratio)

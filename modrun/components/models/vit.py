@@ -55,17 +55,3 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.pool(self.norm(x)))
-
-
-def vit(
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    patch: int = 2,
-    depth: int = 4,
-    heads: int = 4,
-    dim: int = 64,
-    mlp_ratio: float = 2.0,
-    dropout: float = 0.0,
-) -> nn.Module:
-    return ViT(in_channels, num_classes, image_size, patch, depth, heads, dim, mlp_ratio, dropout)

@@ -4,7 +4,6 @@ reviewkd) have their parameters copied into the reference, which applies them wi
 Also: the warm-up of a term (DKD, ReviewKD) through the distillation objective."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,11 +161,13 @@ def test_reviewkd_fuses_resizes_before_conv2_and_hcl_tests_height(b):
 
 
 def distill_objective(tmp_path, terms: dict):
+    from modrun.components.data.base import Data, Split
     from modrun.methods.distill.objective import DistillObjective
 
     torch.manual_seed(0)
     student, teacher = (nn.Sequential(nn.Flatten(), nn.Linear(12, C)) for _ in range(2))
-    data = SimpleNamespace(channels=3, image_size=2, num_classes=C, train=range(50))
+    splits = [Split(y=torch.zeros(n, dtype=torch.long), x=torch.zeros(n, 3, 2, 2)) for n in (50, 10, 10)]
+    data = Data(*splits, channels=3, image_size=2, num_classes=C)
     kd = OmegaConf.create({"task_weight": 1.0, "teacher_mode": "mean", "cache_teacher": False, "terms": terms})
     return DistillObjective(student, [teacher], kd, data, torch.device("cpu"), tmp_path)
 

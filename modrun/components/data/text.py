@@ -35,6 +35,7 @@ class TextSplit(Split):
     block_size: int = 0
     windows: int = 0  # samples per epoch
     random: bool = False  # train: random windows per (seed, epoch); eval: consecutive windows
+    fixed: bool = False  # random windows drawn once (epoch 0's) and kept: sample i is the same window every epoch
     task: Task = field(default_factory=language_modeling)
     _starts: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -45,6 +46,7 @@ class TextSplit(Split):
         """Where each window of the epoch begins in `tokens` (on the tokens' device)."""
         if not self.random:
             return torch.arange(self.windows, device=self.tokens.device) * self.block_size
+        epoch = 0 if self.fixed else epoch  # a teacher cache keys outputs by sample index (order still reshuffles)
         if (seed, epoch) not in self._starts:
             self._starts.clear()  # one epoch at a time
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)

@@ -3,7 +3,9 @@
 Stored as memory-mapped files in the run folder (`teacher_cache/`), so it survives a kill: a resumed run
 finds what was computed, and recomputes the rest on demand. The teacher is in eval mode and the data has
 no random augmentation, so a sample's teacher outputs never change; which samples are filled is a mask
-saved with the checkpoint.
+saved with the checkpoint. On text, sample i is window i of the epoch: with the cache on, the training windows
+are drawn once from the seed (epoch 0's draw) and kept, and only their order is reshuffled each epoch. The
+dense cache holds every output in fp32; `kd.cache_topk` (topk.py) keeps the teacher's top-k tokens instead.
 """
 
 from __future__ import annotations
@@ -14,19 +16,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from modrun.methods.distill.topk import check_topk
+
+SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.int32: "i32"}
+
 
 class TeacherCache:
-    def __init__(self, folder: Path, num_samples: int, shapes: dict[str, torch.Size], device: torch.device) -> None:
+    """Named per-sample arrays (`specs`: name -> (shape of one sample's entry, dtype)) and which samples are in."""
+
+    def __init__(
+        self, folder: Path, num_samples: int, specs: dict[str, tuple[torch.Size, torch.dtype]], device: torch.device
+    ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
         self.complete = False
         self.disk: dict[str, np.memmap] = {}
         self.store: dict[str, torch.Tensor] = {}
-        for i, (name, shape) in enumerate(shapes.items()):
-            path = folder / f"{i}.f32"
-            mode = "r+" if path.exists() and path.stat().st_size == 4 * num_samples * int(np.prod(shape)) else "w+"
-            self.disk[name] = np.memmap(path, dtype=np.float32, mode=mode, shape=(num_samples, *shape))
+        for i, (name, (shape, dtype)) in enumerate(specs.items()):
+            path = folder / f"{i}.{SUFFIX[dtype]}"
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            size = np_dtype.itemsize * num_samples * int(np.prod(shape))
+            mode = "r+" if path.exists() and path.stat().st_size == size else "w+"
+            self.disk[name] = np.memmap(path, dtype=np_dtype, mode=mode, shape=(num_samples, *shape))
             on_disk = torch.from_numpy(self.disk[name])  # shares memory with the mapped file
             # on CPU the mapped file is the store; on an accelerator a device copy serves the reads
             self.store[name] = on_disk if device.type == "cpu" else on_disk.to(device)
@@ -41,7 +53,7 @@ class TeacherCache:
 
     def put(self, idx: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         for name, store in self.store.items():
-            value = outputs[name].detach().float()
+            value = outputs[name].detach().to(store.dtype)
             store[idx] = value
             if self.device.type != "cpu":
                 self.disk[name][idx.cpu().numpy()] = value.cpu().numpy()
@@ -59,15 +71,11 @@ class TeacherCache:
 
 def check_cache(cfg: DictConfig) -> list[str]:
     """The teacher cache assumes a sample's teacher outputs never change: no random augmentation."""
+    errors = check_topk(cfg)
     aug = cfg.data.get("augment") or {}
-    if cfg.kd.cache_teacher and cfg.data.get("task") == "language_modeling":
-        return [
-            "kd.cache_teacher=true caches per training sample, but text windows are drawn anew every epoch "
-            "(not yet supported for language modeling: set kd.cache_teacher=false)"
-        ]
     if cfg.kd.cache_teacher and (aug.get("crop_padding") or aug.get("hflip")):
-        return [
+        errors.append(
             "kd.cache_teacher=true needs deterministic inputs, but data.augment is random "
             "(set data.augment.crop_padding=0 data.augment.hflip=false, or kd.cache_teacher=false)"
-        ]
-    return []
+        )
+    return errors

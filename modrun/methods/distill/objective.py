@@ -13,6 +13,7 @@ from torch import nn
 
 from modrun.components.data.base import Data
 from modrun.components.data.tasks import Task
+from modrun.components.data.text import TextSplit
 from modrun.core.errors import UserError
 from modrun.core.registry import KD_METHODS
 from modrun.engine.loop import Objective
@@ -20,6 +21,7 @@ from modrun.methods.distill import TERM_KEYS
 from modrun.methods.distill.base import KDContext, Outputs, warmup_factor
 from modrun.methods.distill.cache import TeacherCache
 from modrun.methods.distill.capture import Capture, resolve_layers
+from modrun.methods.distill.topk import bucket_logits, teacher_topk
 
 
 @dataclass
@@ -87,9 +89,17 @@ class DistillObjective(Objective):
             self.methods[term.key] = nn.ModuleList(built).to(device)
         if not self.each and len(teachers) > 1:
             self._mean_view(t_outputs)  # fails early when the teachers' outputs cannot be averaged
-        self.cache = None
+        self.cache, self.topk = None, int(kd.get("cache_topk") or 0)
         if kd.cache_teacher:
-            shapes = {f"t{i}/{k}": v.shape[1:] for i, out in enumerate(t_outputs) for k, v in out.items()}
+            if isinstance(data.train, TextSplit):
+                data.train.fixed = True  # the cache keys outputs by sample index: window i must stay window i
+            shapes = {
+                f"t{i}/{k}": (v.shape[1:], torch.float32) for i, out in enumerate(t_outputs) for k, v in out.items()
+            }
+            if self.topk:  # checked: one teacher, logit terms of one temperature
+                self.topk_tau = float(next(iter(self.methods.values()))[0].temperature)
+                per_row = (*t_outputs[0]["logits"].shape[1:-1], self.topk)
+                shapes = {"ids": (per_row, torch.int32), "logp": (per_row, torch.float16)}
             self.cache = TeacherCache(run_dir / "teacher_cache", len(data.train), shapes, device)
         self._snapshot = [{k: v.detach().clone() for k, v in t.state_dict().items()} for t in teachers]
 
@@ -113,13 +123,19 @@ class DistillObjective(Objective):
         if self.cache is not None:
             cached = self.cache.get(idx)
             if cached is not None:
+                if self.topk:
+                    return [cached]
                 return [
                     {k.split("/", 1)[1]: v for k, v in cached.items() if k.startswith(f"t{i}/")}
                     for i in range(len(self.teachers))
                 ]
         with torch.no_grad():
             outputs = self._teacher_forward(x)
-        if self.cache is not None:
+        if self.topk:
+            ids, logp = teacher_topk(outputs[0]["logits"], self.topk, self.topk_tau)
+            outputs = [{"ids": ids, "logp": logp}]
+            self.cache.put(idx, outputs[0])
+        elif self.cache is not None:
             self.cache.put(idx, {f"t{i}/{k}": v for i, out in enumerate(outputs) for k, v in out.items()})
         return outputs
 
@@ -141,6 +157,9 @@ class DistillObjective(Objective):
         task = F.cross_entropy(*Task.flat(logits, y))
         total, parts = self.task_weight * task, {"task_loss": task.detach()}
         items, targets = _items(logits), y.reshape(-1)  # a language model's every token is one prediction
+        if self.topk:  # both sides as distributions over the teacher's cached top-k tokens and the rest
+            s_logits, t_logits = bucket_logits(logits, views[0]["ids"], views[0]["logp"], self.topk_tau)
+            items, views = _items(s_logits), [{"logits": t_logits}]
         for term in self.terms:
             s = Outputs(items, [s_feats[p] for p in term.student_paths])
             value = sum(

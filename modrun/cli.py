@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from modrun.core.errors import UserError
+from modrun.core.errors import UserError, WriteFailed
 from modrun.core.registry import RECIPES
 
 app = typer.Typer(
@@ -45,7 +45,20 @@ def _guard(fn: Callable[[], int | None]) -> None:
         code = fn()
     except UserError as e:
         _fail(e.messages)
+    except WriteFailed as e:  # a full disk while writing a result: one line, exit code 1
+        typer.echo(f"modrun: error: {e.message}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code or 0)
+
+
+def _only_imports(args: list[str] | None) -> list[str]:
+    """The modules of `+imports=[...]`, the only override that resume and reproduce take."""
+    from modrun.core.registry import split_imports
+
+    modules, rest = split_imports(list(args or []))
+    if rest:
+        raise UserError(f"'{rest[0]}': this command takes a folder and optionally +imports=[modules], nothing else")
+    return modules
 
 
 def _with_runs_dir(overrides: list[str] | None, runs_dir: Path | None) -> list[str]:
@@ -120,26 +133,31 @@ def validate(
     _guard(go)
 
 
-@app.command()
-def resume(run_dir: Path = typer.Argument(..., help="A run folder, or a sweep folder.")) -> None:
+IMPORTS = typer.Argument(None, help="+imports=[my_models]: the modules the run's config.yaml names, if you trust them")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def resume(
+    run_dir: Path = typer.Argument(..., help="A run folder, or a sweep folder."), imports: list[str] | None = IMPORTS
+) -> None:
     """Continue a run from its last checkpoint (identical result); for a sweep, its unfinished jobs."""
 
     def go() -> int:
         from modrun.runner.sweep import resume
 
-        return resume(run_dir)
+        return resume(run_dir, _only_imports(imports))
 
     _guard(go)
 
 
-@app.command()
-def reproduce(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+@app.command(context_settings={"allow_extra_args": True})
+def reproduce(run_dir: Path = typer.Argument(..., help="A run folder."), imports: list[str] | None = IMPORTS) -> None:
     """Re-run a run from its own record into a new folder; warn about changes; diff metrics and weights."""
 
     def go() -> int:
         from modrun.runner.reproduce import reproduce_run
 
-        return reproduce_run(run_dir)
+        return reproduce_run(run_dir, _only_imports(imports))
 
     _guard(go)
 

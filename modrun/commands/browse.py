@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modrun.core.errors import UserError, did_you_mean
+from modrun.core.records import read_json, read_lines, section, try_json
 from modrun.core.registry import REGISTRIES
-from modrun.core.runfolder import PREREQUISITES, read_json, read_metrics
+from modrun.core.runfolder import PREREQUISITES, read_metrics
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -39,13 +41,21 @@ def find_runs(runs_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.parent.name, p.name) if p.parent.parent.name == "sweeps" else (p.name, ""))
 
 
+def _warn(message: str) -> None:
+    print(f"modrun: warning: {message}", file=sys.stderr)
+
+
 def _summary(run: Path) -> dict:
-    path = run / "summary.json"
-    return read_json(path) if path.exists() else {}
+    """summary.json, or {} when absent; a damaged one is a warning: the rest of the run is still shown."""
+    summary, problem = try_json(run / "summary.json")
+    if problem:
+        _warn(problem)
+    return summary or {}
 
 
 def _fmt(value: object) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+    """A table cell: floats to 2 places; text from a record is escaped (a '[' is not rich markup)."""
+    return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else escape(str(value)))
 
 
 def list_runs(runs_dir: Path) -> None:
@@ -53,14 +63,17 @@ def list_runs(runs_dir: Path) -> None:
         raise UserError(f"runs folder '{runs_dir}' does not exist")
     table = Table("run", "command", "state", "started", "best val/top1", "test/top1", "params")
     for run in find_runs(runs_dir):
-        status, summary = read_json(run / "status.json"), _summary(run)
+        status, problem = try_json(run / "status.json")
+        if problem:  # one damaged folder is listed as such, and hides none of the others
+            _warn(problem)
+        status, summary = status or {"state": "damaged"}, _summary(run)
         table.add_row(
-            str(run),
-            status.get("command", "?"),
-            status.get("state", "?"),
-            status.get("started", ""),
-            _fmt(summary.get("best", {}).get("val/top1")),
-            _fmt(summary.get("final", {}).get("test/top1")),
+            _fmt(str(run)),
+            _fmt(status.get("command", "?")),
+            _fmt(status.get("state", "?")),
+            _fmt(status.get("started", "")),
+            _fmt(section(summary, "best").get("val/top1")),
+            _fmt(section(summary, "final").get("test/top1")),
             _fmt(summary.get("params")),
         )
     console.print(table)
@@ -68,7 +81,7 @@ def list_runs(runs_dir: Path) -> None:
 
 def _prerequisites(run_dir: Path) -> list[dict]:
     try:
-        records = read_json(run_dir / PREREQUISITES) if (run_dir / PREREQUISITES).is_file() else []
+        records = read_json(run_dir / PREREQUISITES, list) if (run_dir / PREREQUISITES).is_file() else []
     except (OSError, ValueError):
         return []
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
@@ -79,23 +92,25 @@ def show_run(run_dir: Path) -> None:
     if not (run_dir / "status.json").is_file():
         raise UserError(f"'{run_dir}' is not a modrun run folder (no status.json)")
     status = read_json(run_dir / "status.json")
-    console.print(f"[bold]{run_dir}[/bold]  {status.get('command')}  state={status.get('state')}")
+    console.print(f"[bold]{run_dir}[/bold]  {status.get('command')}  state={status.get('state')}", markup=False)
     if status.get("error"):
-        console.print(f"error: {status['error']}")
-    overrides = (run_dir / "overrides.txt").read_text().split() if (run_dir / "overrides.txt").exists() else []
-    console.print("overrides: " + (" ".join(overrides) or "(none)"))
+        console.print(f"error: {status['error']}", markup=False)
+    overrides = read_lines(run_dir / "overrides.txt")
+    console.print("overrides: " + (" ".join(overrides) or "(none)"), markup=False)
     for need in _prerequisites(run_dir):  # the runs this one needed first, and how each was found
         digest = str(need.get("sha256"))[:12]
-        console.print(f"{need.get('role')}: {need.get('run')} ({need.get('how')}, weights sha256 {digest}...)")
+        console.print(
+            f"{need.get('role')}: {need.get('run')} ({need.get('how')}, weights sha256 {digest}...)", markup=False
+        )
     summary = _summary(run_dir)
     if summary:
         table = Table("metric", "final", "best")
-        keys = sorted(set(summary.get("final", {})) | set(summary.get("best", {})))
-        for k in keys:
-            table.add_row(k, _fmt(summary.get("final", {}).get(k)), _fmt(summary.get("best", {}).get(k)))
+        final, best = section(summary, "final"), section(summary, "best")
+        for k in sorted(set(final) | set(best), key=str):
+            table.add_row(_fmt(str(k)), _fmt(final.get(k)), _fmt(best.get(k)))
         console.print(table)
         extras = {k: v for k, v in summary.items() if k not in ("final", "best")}
-        console.print(json.dumps(extras, indent=2))
+        console.print(json.dumps(extras, indent=2), markup=False)
     metrics = [m for m in read_metrics(run_dir) if m.get("split") == "val"]
     if metrics:
-        console.print(f"last val record: {json.dumps(metrics[-1])}")
+        console.print(f"last val record: {json.dumps(metrics[-1])}", markup=False)

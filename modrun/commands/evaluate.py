@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modrun.core.errors import UserError
+from modrun.core.runfolder import append_line
 from modrun.core.values import take_overrides
 from modrun.runner.checks import check_config, dotted_keys
 from modrun.runner.compose import Composer
@@ -93,12 +94,14 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     from modrun.components.build import build_data, resolve_device
     from modrun.components.data.base import Preprocess
     from modrun.core.artifacts import load_into, load_run_config
-    from modrun.core.registry import import_user_modules
+    from modrun.core.registry import split_imports
     from modrun.engine.loop import evaluate
+    from modrun.runner.validate import check_record
 
     run_dir = Path(run_dir)
     cfg, status = load_run_config(run_dir)
-    import_user_modules(list(cfg.get("imports") or []))
+    given, overrides = split_imports(overrides)
+    check_record("train", cfg, run_dir, given, whole=False)  # a record is input: imports, types, names
     command = status.get("command", "train")
     # a soup has no Hydra config of its own: group overrides (data=...) compose as for a training run
     command = command if command in ("train", "distill", "prune", "stitch") else "train"
@@ -146,9 +149,9 @@ def _model_and_weights(
     if weights == "final":
         if not (run_dir / "model.safetensors").exists():
             raise UserError(f"{run_dir} has no model.safetensors (state {status.get('state')}); try --weights best")
-        from safetensors.torch import load_file
+        from modrun.core.artifacts import load_state
 
-        state = load_file(run_dir / "model.safetensors", device=str(device))
+        state = {k: v.to(device) for k, v in load_state(run_dir / "model.safetensors").items()}
     elif weights in ("best", "last"):
         path = run_dir / "checkpoints" / f"{weights}.pt"
         if not path.exists():
@@ -161,7 +164,7 @@ def _model_and_weights(
 
 def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], size: object, point: int | None) -> dict:
     """Append the scores to evals.jsonl and print them (with the recorded final score where comparable)."""
-    from modrun.core.runfolder import read_json
+    from modrun.core.records import section, try_json
     from modrun.methods.nested.subnet import size_row
 
     record = {
@@ -172,8 +175,7 @@ def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], si
         **({"stitch.point": point} if point is not None else {}),
         **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
     }
-    with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(run_dir / "evals.jsonl", json.dumps(record))
     columns = list(next(iter(results.values())))  # the task's metrics: top1/top5, or ppl/bpb for text
     table = Table("split", *columns, title=f"{run_dir} ({weights} weights)")
     for split, r in results.items():
@@ -181,7 +183,7 @@ def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], si
     Console().print(table)
     if (run_dir / "summary.json").exists() and not overrides and size is None and point is None and weights == "final":
         key = "test/bpb" if "bpb" in columns else "test/top1"
-        recorded = read_json(run_dir / "summary.json").get("final", {}).get(key)
-        if recorded is not None:
+        recorded = section(try_json(run_dir / "summary.json")[0], "final").get(key)
+        if isinstance(recorded, (int, float)):
             Console().print(f"recorded {key} at the end of training: {recorded:.4g}")
     return record

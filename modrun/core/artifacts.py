@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from modrun.core import checkpoint
 from modrun.core import collectives as distributed
 from modrun.core.errors import UserError
+from modrun.core.records import read_text
 from modrun.core.runfolder import PREREQUISITES, atomic_write, read_json
 
 
@@ -25,12 +26,45 @@ def load_run_config(run_dir: Path) -> tuple[DictConfig, dict]:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "status.json").is_file():
         raise UserError(f"'{run_dir}' is not a modrun run folder (no config.yaml/status.json)")
     try:
-        cfg, status = OmegaConf.load(run_dir / "config.yaml"), read_json(run_dir / "status.json")
+        cfg = OmegaConf.create(read_text(run_dir / "config.yaml"))
+        status = read_json(run_dir / "status.json", (dict, list, str, int, float, bool, type(None)))
     except Exception as e:  # noqa: BLE001 - a damaged record (YAML/JSON errors, unreadable files) is bad input
-        raise UserError(f"'{run_dir}': cannot read config.yaml/status.json ({str(e).splitlines()[0]})") from None
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"'{run_dir}': cannot read config.yaml/status.json ({detail})") from None
     if not isinstance(cfg, DictConfig) or not isinstance(status, dict):
         raise UserError(f"'{run_dir}': config.yaml or status.json does not hold a mapping")
+    problem = record_problem(cfg)
+    if problem:
+        raise UserError(f"{run_dir / 'config.yaml'}: {problem}")
+    if not isinstance(status.get("command"), str):
+        raise UserError(f'{run_dir / "status.json"}: names no command (expected e.g. "command": "train")')
     return cfg, status
+
+
+def record_problem(cfg: DictConfig) -> str | None:
+    """What makes a recorded config unusable before any key is read: empty, a `_target_` (an import path),
+    a malformed `imports`."""
+    if len(cfg) == 0:
+        return "empty (a run folder's config.yaml holds the whole resolved config)"
+    path = _target_path(OmegaConf.to_container(cfg, resolve=False), "")
+    if path is not None:
+        return f"{path}: modrun builds components by registered name, never from an import path (_target_)"
+    imports = cfg.get("imports")
+    if imports is not None and (not isinstance(imports, ListConfig) or not all(isinstance(m, str) for m in imports)):
+        return f"imports={imports}: expects a list of module names"
+    return None
+
+
+def _target_path(tree: Any, prefix: str) -> str | None:
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key == "_target_":
+            return path
+        found = _target_path(value, path)
+        if found is not None:
+            return found
+    return None
 
 
 def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -63,7 +97,7 @@ def prerequisite(run_dir: Path, key: str) -> dict | None:
     when the user gave it."""
     path = Path(run_dir) / PREREQUISITES
     try:
-        records = read_json(path) if path.is_file() else []
+        records = read_json(path, list) if path.is_file() else []
     except (OSError, ValueError):
         return None
     return next((r for r in records if isinstance(r, dict) and r.get("key") == key), None)

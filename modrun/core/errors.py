@@ -14,6 +14,19 @@ class UserError(Exception):
         super().__init__("\n".join(self.messages))
 
 
+class UnsafeInput(UserError):
+    """A config, override or record that would run code or write outside the run folder: refused, never worked
+    around (exit code 2 like any bad input)."""
+
+
+class WriteFailed(Exception):
+    """A genuine I/O failure (a full disk) while writing a result: one line and exit code 1, nothing half-written."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The valid choice closest to `name`, or None when nothing is close."""
     choices = list(choices)

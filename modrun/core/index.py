@@ -40,8 +40,13 @@ def semantic_key(command: str, cfg: DictConfig | dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def root(runs_dir: Path | str) -> Path:
+    """The runs folder a config names, `~` expanded (a folder literally named `~` is never what was meant)."""
+    return Path(str(runs_dir)).expanduser()
+
+
 def index_dir(runs_dir: Path | str, command: str) -> Path:
-    return Path(runs_dir) / INDEX / command  # beside the command folders, so listing runs/<command>/ shows runs only
+    return root(runs_dir) / INDEX / command  # beside the command folders, so listing runs/<command>/ shows runs only
 
 
 def add(runs_dir: Path | str, command: str, key: str, run_dir: Path) -> None:
@@ -49,7 +54,7 @@ def add(runs_dir: Path | str, command: str, key: str, run_dir: Path) -> None:
     folder = index_dir(runs_dir, command)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / key, "a") as f:
-        f.write(os.path.relpath(Path(run_dir).resolve(), Path(runs_dir).resolve()) + "\n")
+        f.write(os.path.relpath(Path(run_dir).resolve(), root(runs_dir).resolve()) + "\n")
 
 
 def lookup(runs_dir: Path | str, command: str, key: str) -> list[Path]:
@@ -58,7 +63,7 @@ def lookup(runs_dir: Path | str, command: str, key: str) -> list[Path]:
     if not path.is_file():
         return []
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    found = [Path(runs_dir) / line for line in reversed(lines)]
+    found = [root(runs_dir) / line for line in reversed(lines)]
     return [p for p in dict.fromkeys(found) if (p / "config.yaml").is_file()]
 
 
@@ -71,9 +76,9 @@ def forget_missing(runs_dir: Path | str, command: str) -> None:
             lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         except OSError:
             continue
-        if not any((Path(runs_dir) / line / "config.yaml").is_file() for line in lines):
+        if not any((root(runs_dir) / line / "config.yaml").is_file() for line in lines):
             path.unlink(missing_ok=True)
-    for empty in (folder, folder.parent, Path(runs_dir)):
+    for empty in (folder, folder.parent, root(runs_dir)):
         try:
             empty.rmdir()
         except OSError:

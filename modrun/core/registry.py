@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from modrun.core.errors import UserError, did_you_mean
+from modrun.core.errors import UnsafeInput, UserError, did_you_mean
 
 
 @dataclass
@@ -128,8 +129,14 @@ REGISTRIES: dict[str, Registry] = {
 }
 
 
+MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 def import_user_modules(modules: list[str]) -> None:
     """Import the user's own modules (`+imports=[my_models]`) and installed `modrun.plugins` entry points."""
+    bad = [m for m in modules if not isinstance(m, str) or not MODULE_NAME.match(m)]
+    if bad:  # '' or '.foo' would be a relative import, or no module at all
+        raise UserError(f"imports: {bad[0]!r} is not a module name (e.g. +imports=[my_models] or [pkg.models])")
     for ep in entry_points(group="modrun.plugins"):
         ep.load()
     for module in modules:
@@ -139,3 +146,38 @@ def import_user_modules(modules: list[str]) -> None:
             if e.name and module.startswith(e.name):
                 raise UserError(f"imports: cannot import module '{module}' (is it on PYTHONPATH?)") from None
             raise
+
+
+def split_imports(args: list[str]) -> tuple[list[str], list[str]]:
+    """The modules named by `imports=[a,b]` / `+imports=[a,b]` among `args` (the user's command line), and the rest.
+
+    A run folder's config.yaml may name modules too; modrun imports only those the user names here."""
+    from omegaconf import ListConfig, OmegaConf  # here: `modrun list` reads registries without OmegaConf
+
+    modules, rest = [], []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if key.lstrip("+") != "imports" or not eq:
+            rest.append(a)
+            continue
+        try:
+            parsed = OmegaConf.create({"imports": OmegaConf.from_dotlist([f"x={value}"]).x}).imports
+        except Exception:  # noqa: BLE001 - any parse error of the user's value is bad input
+            parsed = None
+        if not isinstance(parsed, ListConfig) or not all(isinstance(m, str) for m in parsed):
+            raise UserError(f"{a}: expects a list of module names, e.g. +imports=[my_models]")
+        modules += [m for m in parsed if m not in modules]
+    return modules, rest
+
+
+def trusted_imports(cfg: Any, given: list[str], record: Any) -> None:
+    """Import the modules the user named (`+imports=[...]`) after checking that they cover the record's own:
+    a run folder from someone else must not run code by naming a module in its config.yaml."""
+    recorded = [str(m) for m in cfg.get("imports") or []]
+    untrusted = [m for m in recorded if m not in given]
+    if untrusted:
+        raise UnsafeInput(
+            f"{record}: names imports={untrusted}, and modrun imports no module that a run folder names; "
+            f"if you trust that code, add +imports=[{','.join(recorded)}]"
+        )
+    import_user_modules(list(given))

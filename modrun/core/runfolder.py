@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 # imports inside functions here defer torch: `modrun runs` and the CLI read run folders without loading torch
+import errno
 import json
 import logging
 import os
@@ -23,7 +26,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from modrun.core import index
+from modrun.core import index, records
+from modrun.core.errors import UserError, WriteFailed
 
 PREREQUISITES = "prerequisites.json"  # the runs this run needed first (written by modrun.runner.prerequisites)
 
@@ -49,17 +53,49 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a small record (evals.jsonl) atomically: the file holds every line or the old ones.
+
+    A folder that cannot be written (read-only, not ours) is bad input; a full disk is a WriteFailed."""
+    path = Path(path)
+    try:
+        old = path.read_bytes() if path.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"  # a line cut by an earlier kill stays a line of its own
+        atomic_write(path, old + line.encode() + b"\n")
+    except (PermissionError, IsADirectoryError) as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}; it is as it was before") from None
+
+
+def check_writable(folder: Path) -> None:
+    """A run folder that is to be written again (resume): a temp file and log.txt can be made there."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+        with open(Path(folder) / "log.txt", "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write into {folder}: {e.strerror or e} (the run folder must be writable)") from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path, expect: type | tuple[type, ...] = dict) -> Any:
+    """A JSON record holding `expect` (an object by default); a damaged one is a RecordError (see core/records)."""
+    return records.read_json(path, expect)
 
 
 def reserve_run_dir(runs_dir: Path, command: str, name: str) -> Path:
     """Create runs/<command>/<timestamp>_<name>; mkdir is the atomic claim, so same-second runs differ."""
-    parent = Path(runs_dir) / command
+    parent = index.root(runs_dir) / command
+    made = [p for p in (parent, *parent.parents) if not p.exists()]
     parent.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{re.sub(r'[^A-Za-z0-9_.=-]+', '-', name).strip('-') or 'run'}"
     for i in range(1, 10_000):
@@ -69,6 +105,11 @@ def reserve_run_dir(runs_dir: Path, command: str, name: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError:
+            for p in made:  # the folders made for this run only (runs/, runs/<command>/), if still empty
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            raise
     raise RuntimeError(f"cannot reserve a run folder under {parent}")
 
 
@@ -209,10 +250,9 @@ class MetricsWriter:
             # drop what this phase logged after the checkpoint we resume from: it will be logged again
             kept = [
                 line
-                for line in self.path.read_text().splitlines()
-                if line.strip()
-                and _complete(line)
-                and (json.loads(line).get("phase") != phase or json.loads(line)["step"] <= resume_step)
+                for line in records.read_text(self.path).splitlines()
+                if (r := _record(line)) is not None
+                and (r.get("phase") != phase or not isinstance(r.get("step"), int) or r["step"] <= resume_step)
             ]
             atomic_write(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -244,19 +284,17 @@ class MetricsWriter:
         self.close("completed" if exc is None else "interrupted" if stopped else "failed")
 
 
-def _complete(line: str) -> bool:
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line as an object, or None for a line cut by a kill (or anything else but an object)."""
     try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:  # a line cut by a kill
-        return False
+        value = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip() and _complete(line)]
+    return records.read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def write_record(

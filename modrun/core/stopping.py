@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,6 +16,29 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(RuntimeError):
     """Ctrl-C or SIGTERM: the loop saved a checkpoint and stopped; `modrun resume` continues."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (data loading, final test, saving, between sweep jobs): a Ctrl-C."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` (a KeyboardInterrupt) instead of killing the process (exit 143)
+    with status.json still `running`; the training loop's StopRequest takes over while it runs."""
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated("stopped by SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def check_finite(running: dict[str, torch.Tensor], step: int, epoch: int) -> None:

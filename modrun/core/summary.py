@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from modrun.core.records import section
+
 
 def objective_value(summary: dict[str, Any], key: str) -> float | None:
     value = flatten_summary(summary).get(key)
-    return None if value is None else float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def flatten_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """summary.json as flat columns: final metrics as they are, best ones as best/<key>, scalar extras."""
-    flat: dict[str, Any] = dict(summary.get("final", {}))
-    flat.update({f"best/{k}": v for k, v in summary.get("best", {}).items()})
+    if not isinstance(summary, dict):
+        return {}
+    flat: dict[str, Any] = dict(section(summary, "final"))
+    flat.update({f"best/{k}": v for k, v in section(summary, "best").items()})
     flat.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return flat

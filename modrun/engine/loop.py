@@ -73,6 +73,7 @@ class State:
     best: float = -math.inf
     best_epoch: int = -1
     sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
+    val: dict[str, float] = field(default_factory=dict)  # the last epoch's validation metrics (the final ones)
 
 
 @torch.no_grad()
@@ -187,7 +188,7 @@ def fit(
         speed.scaler.scale(loss).backward()  # 16-mixed: scaled up so that small fp16 gradients do not vanish
         return loss, logits, terms
 
-    val: dict[str, float] = {}
+    val: dict[str, float] = dict(state.val)  # a run killed after its last epoch's checkpoint ends with them too
     stop = StopRequest()
     t0 = time.time()
     with stop, Progress(total_steps, initial=state.step, enabled=t.progress and main) as bar, metrics:
@@ -256,6 +257,7 @@ def fit(
             running, state.epoch = {}, state.epoch + 1
             with speed.eager():
                 val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
+            state.val = val
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
             bpb = f" bpb {val['bpb']:.4f}" if "bpb" in val else ""
@@ -270,6 +272,8 @@ def fit(
 
     speed.release()  # the pipeline gets back a plain module (cost report, saving, a next phase)
     eval_bs = int(cfg.data.eval_batch_size)
+    if not val and state.epoch > 0:  # a checkpoint from before `val` was kept: the same weights, measured again
+        val = evaluate(objective.model, data.val, prep, eval_bs, device, **loader)
 
     def test(model: nn.Module) -> dict[str, float]:
         return {f"test/{k}": v for k, v in evaluate(model, data.test, prep, eval_bs, device, **loader).items()}

@@ -17,17 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import load_file
 
 from modrun.components.build import build_data, build_model, resolve_device
 from modrun.components.data.base import Preprocess
 from modrun.components.shapes import SHAPES_FILE, apply_shapes, read_shapes
 from modrun.core import index
-from modrun.core.artifacts import load_into, load_run_config, prerequisite_record, save_weights
+from modrun.core.artifacts import load_into, load_run_config, load_state, prerequisite_record, save_weights
 from modrun.core.checkpoint import seed_everything
 from modrun.core.cost import count_params
 from modrun.core.errors import UserError
-from modrun.core.registry import import_user_modules
+from modrun.core.records import optional_json
+from modrun.core.registry import split_imports, trusted_imports
 from modrun.core.runfolder import (
     PREREQUISITES,
     atomic_write,
@@ -53,8 +53,11 @@ def load_ingredient(run: Path) -> dict[str, Any]:
     cfg, _ = load_run_config(run)
     if not (run / "model.safetensors").is_file():
         raise UserError(f"{run} has no model.safetensors")
-    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
-    return {"run": run, "cfg": cfg, "state": load_file(run / "model.safetensors"), "summary": summary}
+    for node in ("model", "data"):
+        if not isinstance(cfg.get(node), DictConfig):
+            raise UserError(f"{run / 'config.yaml'}: no {node} node (a mapping naming the {node})")
+    summary = optional_json(run / "summary.json", default={})  # a damaged one: one line naming it
+    return {"run": run, "cfg": cfg, "state": load_state(run / "model.safetensors"), "summary": summary}
 
 
 def _first_diff(a: Any, b: Any, prefix: str, first: Path) -> str | None:
@@ -163,6 +166,7 @@ def cook(cfg: DictConfig, rows: list[dict], states: list[dict], score: Any) -> d
 def soup_runs(args: list[str]) -> int:
     """The `modrun soup` command: check everything, then write the soup's run folder. Returns the exit code."""
 
+    given, args = split_imports(args)  # the user's own modules: never those an ingredient's config.yaml names
     paths, overrides = split_args(args)
     cfg = settings(overrides)
     runs, notes = expand_runs(paths)
@@ -175,7 +179,8 @@ def soup_runs(args: list[str]) -> int:
         check_compatible([base, *ings])
         check_layer_scales(cfg, base["state"])
     src, metric = ings[0]["cfg"], cfg.objective.split("/")[1]
-    import_user_modules(list(src.get("imports") or []))
+    for ing in ings:
+        trusted_imports(ing["cfg"], given, ing["run"] / "config.yaml")
     seed_everything(int(cfg.seed))
     model, score = make_scorer(src, runs[0], ings[0]["state"], str(cfg.device))
     # the soup records where its model and data came from, so `modrun eval` rebuilds it from this folder

@@ -54,6 +54,7 @@ TEACHER = Component("teacher", MODELS, runner_keys=TEACHER_RUNNER_KEYS)
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 OPTIONAL_NODES = {"sweep", "logger", "nested"}  # read with .get(): a run goes on without them
 INT64_MAX = 2**63 - 1
+MAX_NAME = 200  # bytes: with the timestamp and a sweep's command prefix, a folder name stays under 255
 
 
 def components(cfg: DictConfig) -> list[tuple[str, Component]]:
@@ -241,11 +242,18 @@ def _check_values(cfg: DictConfig) -> list[str]:
     if is_number(clip) and not clip > 0:
         # a negative max norm would flip the gradients' sign, not clip them
         errors.append(f"trainer.grad_clip={clip}: must be > 0 (or null for no clipping)")
-    runs_dir = cfg.get("runs_dir")
-    if runs_dir is not None and not str(runs_dir).strip():
+    runs_dir = cfg.get("runs_dir", "runs")
+    if not isinstance(runs_dir, str):
+        errors.append(
+            f"runs_dir={'null' if runs_dir is None else runs_dir}: expects the path of a folder (e.g. runs_dir=runs)"
+        )
+    elif not runs_dir.strip():
         errors.append("runs_dir: must not be empty (e.g. runs_dir=runs)")
-    elif runs_dir is not None and Path(str(runs_dir)).expanduser().is_file():
+    elif Path(runs_dir).expanduser().is_file():
         errors.append(f"runs_dir={runs_dir}: is a file, not a folder")
+    name = cfg.get("name")
+    if isinstance(name, str) and len(name.encode()) > MAX_NAME:  # the folder <timestamp>_<name> must fit the disk's
+        errors.append(f"name: {len(name)} characters; a run's name may have at most {MAX_NAME} (it names its folder)")
     lr = OmegaConf.select(cfg, "optim.lr")
     if isinstance(lr, (int, float)) and math.isfinite(lr) and not lr > 0:
         errors.append(f"optim.lr={lr}: must be > 0")

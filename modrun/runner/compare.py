@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modrun.core.errors import UserError
 from modrun.core.plots import pareto_front, pyplot
-from modrun.core.runfolder import atomic_write, read_json, read_metrics
+from modrun.core.records import RecordError, inside, read_json, read_lines, try_json
+from modrun.core.runfolder import atomic_write, read_metrics
 from modrun.core.summary import flatten_summary
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -45,24 +47,43 @@ def collect(paths: list[Path]) -> tuple[list[Entry], str, str]:
         path = Path(path)
         if (path / "sweep.json").is_file():
             sweep = read_json(path / "sweep.json")
-            objective, direction = sweep.get("objective", objective), sweep.get("direction", direction)
-            for job in sweep["jobs"]:
-                run = path / job.get("run_dir", "")
-                name = job.get("run_dir") or str(job["num"])
-                entries.append(_entry(name if len(paths) == 1 else f"{path.name}/{name}", run, job.get("overrides")))
+            jobs = sweep.get("jobs", [])
+            if not isinstance(jobs, list):
+                raise RecordError(f"{path / 'sweep.json'}: 'jobs' is not a list")
+            objective = str(sweep.get("objective", objective))
+            direction = "minimize" if sweep.get("direction") == "minimize" else direction
+            for i, job in enumerate(jobs):
+                job = job if isinstance(job, dict) else {}
+                name = str(job.get("run_dir") or job.get("num", i))
+                try:
+                    run = inside(path, job.get("run_dir"), path / "sweep.json")
+                except RecordError as e:  # a job whose folder is damaged or points outside is listed as bad
+                    _warn(e.messages[0])
+                    run = None
+                overrides = job.get("overrides") if isinstance(job.get("overrides"), list) else []
+                entries.append(_entry(name if len(paths) == 1 else f"{path.name}/{name}", run, overrides))
         elif (path / "status.json").is_file():
-            overrides = (path / "overrides.txt").read_text().split() if (path / "overrides.txt").exists() else []
-            entries.append(_entry(str(path), path, overrides))
+            entries.append(_entry(str(path), path, read_lines(path / "overrides.txt")))
         else:
             raise UserError(f"'{path}' is neither a sweep folder (sweep.json) nor a run folder (status.json)")
     return entries, objective, direction
 
 
-def _entry(name: str, run: Path, overrides: list[str] | None) -> Entry:
-    status = read_json(run / "status.json") if (run / "status.json").is_file() else {}
-    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
-    pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
-    return Entry(name, run, status.get("state", "pending"), pairs, flatten_summary(summary))
+def _entry(name: str, run: Path | None, overrides: list[str] | None) -> Entry:
+    if run is None:
+        return Entry(name, Path(name), "bad record", {})
+    status, problem = try_json(run / "status.json")
+    summary, bad_summary = try_json(run / "summary.json")
+    for p in (problem, bad_summary):
+        if p:  # a damaged record is a warning: the other runs are still compared
+            _warn(p)
+    pairs = dict(str(o).lstrip("+~").split("=", 1) for o in overrides or [] if "=" in str(o))
+    state = "damaged" if problem else str((status or {}).get("state", "pending"))
+    return Entry(name, run, state, pairs, flatten_summary(summary or {}))
+
+
+def _warn(message: str) -> None:
+    print(f"modrun: warning: {message}", file=sys.stderr)
 
 
 def varying(entries: list[Entry]) -> list[str]:
@@ -81,16 +102,21 @@ def compare(paths: list[Path], objective: str | None = None, plots: bool = True,
     sign = -1.0 if direction == "maximize" else 1.0
 
     def rank(e: Entry) -> tuple[int, float]:
-        value = e.metrics.get(objective)
-        return (1, 0.0) if value is None else (0, sign * float(value))
+        value = _number(e.metrics.get(objective))
+        return (1, 0.0) if value is None else (0, sign * value)
 
     entries.sort(key=rank)
     # columns whose value is the same for every run say nothing about the comparison
     shown = [objective, *(k for k in SHOWN if k != objective and len({str(e.metrics.get(k)) for e in entries}) > 1)]
-    table = Table("#", "run", "state", *keys, *shown, title=f"ranked by {objective} ({direction})")
+    title = escape(f"ranked by {objective} ({direction})")
+    table = Table("#", "run", "state", *map(escape, keys), *map(escape, shown), title=title)
     for i, e in enumerate(entries, 1):
         table.add_row(
-            str(i), e.name, e.state, *(e.overrides.get(k, "") for k in keys), *(_fmt(e.metrics.get(k)) for k in shown)
+            str(i),
+            _fmt(e.name),
+            _fmt(e.state),
+            *(_fmt(e.overrides.get(k, "")) for k in keys),
+            *(_fmt(e.metrics.get(k)) for k in shown),
         )
     console.print(table)
     _print_seed_means(entries, keys, shown)
@@ -99,8 +125,13 @@ def compare(paths: list[Path], objective: str | None = None, plots: bool = True,
         if out
         else (Path(paths[0]) if len(paths) == 1 and (Path(paths[0]) / "sweep.json").is_file() else Path("compare"))
     )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "compare.csv", entries, keys, shown)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "compare.csv", entries, keys, shown)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write compare.csv there ({e.strerror or e})") from None
     if plots:
         from modrun.runner.compare import plot_comparison
 
@@ -121,13 +152,13 @@ def _print_seed_means(entries: list[Entry], keys: list[str], shown: list[str]) -
     if not any(len(g) > 1 for g in groups.values()):
         return
     shown = [k for k in shown if k not in (*COST_KEYS, *LATENCY_KEYS)]  # the same model's cost, up to timing noise
-    table = Table(*rest, "n", *shown, title="mean ± std over seeds")
+    table = Table(*map(escape, rest), "n", *map(escape, shown), title="mean ± std over seeds")
     for group_key, group in groups.items():
         cells = []
         for k in shown:
-            values = [float(e.metrics[k]) for e in group if e.metrics.get(k) is not None]
+            values = [v for e in group if (v := _number(e.metrics.get(k))) is not None]
             cells.append(_mean_std(values))
-        table.add_row(*group_key, str(len(group)), *cells)
+        table.add_row(*map(_fmt, group_key), str(len(group)), *cells)
     console.print(table)
 
 
@@ -160,7 +191,11 @@ def _write_csv(path: Path, entries: list[Entry], keys: list[str], shown: list[st
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
-    return "" if value is None else str(value)
+    return "" if value is None else escape(str(value))  # text from a record: a '[' is not rich markup
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def val_curve(run_dir: Path, metric: str = "top1") -> tuple[list[int], list[float]]:
@@ -169,6 +204,7 @@ def val_curve(run_dir: Path, metric: str = "top1") -> tuple[list[int], list[floa
     if records:
         last_phase = records[-1].get("phase")
         records = [r for r in records if r.get("phase") == last_phase]
+    records = [r for r in records if _number(r.get("epoch")) is not None and _number(r[metric]) is not None]
     return [r["epoch"] for r in records], [r[metric] for r in records]
 
 
@@ -197,11 +233,8 @@ def plot_comparison(entries: list[Entry], objective: str, direction: str, out: P
     if costs:
         fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4.5), squeeze=False)
         for ax, cost in zip(axes[0], costs, strict=False):
-            points = [
-                (float(e.metrics[cost]), float(e.metrics[objective]))
-                for e in entries
-                if e.metrics.get(cost) is not None and e.metrics.get(objective) is not None
-            ]
+            pairs = [(_number(e.metrics.get(cost)), _number(e.metrics.get(objective))) for e in entries]
+            points = [(x, y) for x, y in pairs if x is not None and y is not None]
             ax.scatter([p[0] for p in points], [p[1] for p in points], label="runs")
             front = pareto_front(points, maximize=direction == "maximize")
             ax.plot([p[0] for p in front], [p[1] for p in front], "r-o", label="Pareto front")

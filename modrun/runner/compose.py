@@ -12,16 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from modrun.core.errors import UserError
+from modrun.core.errors import UnsafeInput, UserError
+from modrun.runner.hydrachecks import check_hydra_node, check_placement_overrides
 
 CONFIG_MODULE = "pkg://modrun.conf"
+# what composing a config tree raises for bad input: Hydra's errors, broken YAML in a --config-dir, OmegaConf's
+COMPOSE_ERRORS = (HydraException, ValueError, KeyError, yaml.YAMLError, OmegaConfBaseException)
 
 
 def search_path(config_dir: str | Path | None) -> Any:
@@ -46,12 +51,16 @@ def compose_plain(command: str, overrides: list[str], config_dir: str | Path | N
     loader = ConfigLoaderImpl(config_search_path=search_path(config_dir))
     try:
         cfg = loader.load_configuration(config_name=command, overrides=list(overrides), run_mode=RunMode.RUN)
-    except (HydraException, ValueError, KeyError) as e:
+    except COMPOSE_ERRORS as e:
         raise UserError(_first_line(e)) from None
-    _check_hydra_node(cfg)
+    check_hydra_node(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+class HydraRunError(UserError):
+    """Hydra failed to start a job whose config had composed (e.g. a logging handler it cannot build)."""
 
 
 class Composer:
@@ -92,9 +101,11 @@ class Composer:
 
     def parse(self, overrides: list[str]) -> list[Override]:
         try:  # with the config loader, a sweep's glob(...) over a group's options can be expanded
-            return OverridesParser.create(config_loader=self.hydra.config_loader).parse_overrides(overrides)
+            parsed = OverridesParser.create(config_loader=self.hydra.config_loader).parse_overrides(overrides)
         except OverrideParseException as e:
             raise UserError(f"bad override syntax: {str(e).splitlines()[0]}") from None
+        check_placement_overrides([o.key_or_group for o in parsed])
+        return parsed
 
     def compose(self, overrides: list[str], with_hydra: bool = False, sweep: bool = False) -> DictConfig:
         try:
@@ -104,9 +115,12 @@ class Composer:
                 run_mode=RunMode.MULTIRUN if sweep else RunMode.RUN,
                 validate_sweep_overrides=not sweep,
             )
-        except (HydraException, ValueError, KeyError) as e:
+        except COMPOSE_ERRORS as e:
             raise UserError(_first_line(e)) from None
-        _check_hydra_node(cfg)
+        check_hydra_node(cfg)
+        mode = OmegaConf.select(cfg, "hydra.mode")
+        if not sweep and mode is not None and mode != RunMode.RUN:
+            raise UnsafeInput(f"hydra.mode={mode}: one run is one job; `modrun sweep {self.command} ...` runs several")
         if not with_hydra:
             with open_dict(cfg):
                 del cfg["hydra"]
@@ -114,6 +128,7 @@ class Composer:
 
     def run(self, overrides: list[str], run_dir: Path, task: Callable[[DictConfig], int]) -> int:
         """Run `task` as one Hydra job whose output folder is `run_dir` (Hydra writes .hydra/ there)."""
+        self.parse(overrides)  # also overrides read from a record (a sweep's job): none may place the run folder
         run_override = f"hydra.run.dir={_quote(str(run_dir))}"
         raised: list[BaseException] = []
 
@@ -126,13 +141,19 @@ class Composer:
                 raised.append(e)
                 return 1
 
-        ret = self.hydra.run(self.command, guarded, [*overrides, run_override], with_log_configuration=True)
+        try:
+            ret = self.hydra.run(self.command, guarded, [*overrides, run_override], with_log_configuration=True)
+        except Exception as e:  # noqa: BLE001 - Hydra's own failure before the task ran (logging config, ...)
+            if raised:
+                raise raised[0] from None
+            raise HydraRunError(f"Hydra could not start the job: {_first_line(e)}") from None
         if raised:
             raise raised[0]
         return int(ret.return_value)
 
     def multirun(self, overrides: list[str], sweep_dir: Path, task: Callable[[DictConfig], Any]) -> Any:
         """Hand `overrides` to Hydra's configured sweeper and launcher; each job's folder is inside `sweep_dir`."""
+        self.parse(overrides)
         where = [f"hydra.sweep.dir={_quote(str(sweep_dir))}", "hydra.sweep.subdir='${modrun_job_dir:${hydra.job.num}}'"]
         try:
             return self.hydra.multirun(self.command, task, [*overrides, *where], with_log_configuration=True)
@@ -144,17 +165,8 @@ class Composer:
             raise UserError(f"--cfg must be job, hydra or all, got '{cfg_type}'")
         try:
             self.hydra.show_cfg(self.command, overrides, cfg_type=cfg_type, package=package, resolve=resolve)
-        except (HydraException, ValueError) as e:
+        except COMPOSE_ERRORS as e:
             raise UserError(_first_line(e)) from None
-
-
-def _check_hydra_node(cfg: DictConfig) -> None:
-    """What Hydra itself would do beyond our contract: run code named in a config (callbacks are
-    instantiated from `_target_`), or change the working directory."""
-    if OmegaConf.select(cfg, "hydra.callbacks"):
-        raise UserError("hydra.callbacks: modrun runs no code named in a config (callbacks are _target_ classes)")
-    if OmegaConf.select(cfg, "hydra.job.chdir"):
-        raise UserError("hydra.job.chdir=true: a modrun run never changes directory; it writes into its run folder")
 
 
 def job_dir_name(num: int | str) -> str:
@@ -173,6 +185,9 @@ def _quote(value: str) -> str:
 
 
 def _first_line(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.YAMLError) and mark is not None:  # broken YAML: say which file and line
+        return f"{mark.name}:{mark.line + 1}: invalid YAML ({getattr(e, 'problem', None) or type(e).__name__})"
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 

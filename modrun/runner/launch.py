@@ -10,9 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from modrun.core.errors import UserError, did_you_mean
 from modrun.core.registry import RECIPES
-from modrun.core.runfolder import alive, discard_run_dir, reserve_run_dir
-from modrun.runner.compose import Composer, hydra_free_copy
-from modrun.runner.validate import compose_and_validate
+from modrun.core.runfolder import alive, check_writable, discard_run_dir, reserve_run_dir
+from modrun.runner.compose import Composer, HydraRunError, hydra_free_copy
+from modrun.runner.validate import check_record, compose_and_validate
 
 
 def composer_for(command: str, config_dir: Path | None) -> Composer:
@@ -55,6 +55,9 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
 
         try:
             return composer.run(hydra_overrides, run_dir, task)
+        except HydraRunError:
+            discard_run_dir(run_dir)  # Hydra failed before the job started: nothing ran, nothing is left
+            raise
         except OSError as e:
             # the pipeline's own errors end inside execute(); one that gets here came while the record was
             # written (Hydra's .hydra/, config.yaml, status.json: a full disk), before any work
@@ -62,18 +65,23 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
             raise UserError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from None
 
 
-def resume_run(run_dir: Path) -> int:
+def resume_run(run_dir: Path, imports: list[str] | None = None) -> int:
     """Continue a run in its own folder from checkpoints/last.pt (a sweep folder: modrun.runner.sweep.resume)."""
+    from modrun.core import runlock
     from modrun.core.artifacts import load_run_config
     from modrun.runner.lifecycle import execute
 
     cfg, status = load_run_config(run_dir)
-    if status.get("state") == "completed":
-        print(f"{run_dir} already completed; nothing to resume")
-        return 0
     if status.get("state") == "running" and status.get("host") == socket.gethostname() and alive(status.get("pid")):
         raise UserError(f"{run_dir} is still running (pid {status['pid']}); stop it before resuming")
-    command = status.get("command")
-    if command not in RECIPES:
-        raise UserError(f"{run_dir}: status.json names no known command ({command!r})")
-    return execute(command, cfg, Path(run_dir), resume=True)
+    with runlock.hold(Path(run_dir)):  # held from this check to the end: a second resume gets RunBusy (exit 2)
+        cfg, status = load_run_config(run_dir)  # as the last process that held the lock left it
+        if status.get("state") == "completed":
+            print(f"{run_dir} already completed; nothing to resume")
+            return 0
+        command = status.get("command")
+        if command not in RECIPES:
+            raise UserError(f"{run_dir}: status.json names no known command ({command!r})")
+        check_record(command, cfg, Path(run_dir), list(imports or []))  # a record is input: checked before it runs
+        check_writable(Path(run_dir))  # a read-only folder: one line now, not a traceback once the run started
+        return execute(command, cfg, Path(run_dir), resume=True)

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from modrun.core import collectives as distributed
+from modrun.core import runlock
 from modrun.core.errors import UserError
 from modrun.core.registry import RECIPES, import_user_modules
 from modrun.core.runfolder import (
@@ -23,7 +24,7 @@ from modrun.core.runfolder import (
     set_status,
     write_json,
 )
-from modrun.core.stopping import Interrupted, NonFiniteLoss
+from modrun.core.stopping import Interrupted, NonFiniteLoss, sigterm_interrupts
 from modrun.runner import parallel, prerequisites
 
 log = logging.getLogger("modrun")
@@ -35,9 +36,15 @@ def execute(
     """Run the recipe of `command` in `run_dir`; record how it ended in status.json. Returns the exit code.
 
     `config_dir` (the user's --config-dir) is where the configs of runs this one needs first are composed from."""
+    with runlock.hold(run_dir):  # one process trains a run folder at a time (a second gets RunBusy, exit 2)
+        return _execute(command, cfg, run_dir, resume, config_dir)
+
+
+def _execute(command: str, cfg: DictConfig, run_dir: Path, resume: bool, config_dir: Path | str | None) -> int:
     recipe = RECIPES.get(command)
     t0 = time.time()
-    earlier = float(read_json(run_dir / "status.json").get("active_s", 0.0)) if resume else 0.0
+    active = read_json(run_dir / "status.json").get("active_s", 0.0) if resume else 0.0
+    earlier = float(active) if isinstance(active, (int, float)) and not isinstance(active, bool) else 0.0
 
     def ended(state: str, **fields: Any) -> bool:  # every session's time counts, resumed ones too
         try:
@@ -46,9 +53,11 @@ def execute(
         except OSError:  # a full disk: the error being reported matters more than status.json
             return False
 
-    with log_to(run_dir):
+    with sigterm_interrupts(), log_to(run_dir):  # SIGTERM anywhere in the run: interrupted, as Ctrl-C
         set_status(run_dir, "running", command=command)
         log.info(f"{'resuming' if resume else 'starting'} {command} run in {run_dir}")
+        if resume:  # a SIGKILL in the middle of an atomic write leaves its temp file; nobody else writes here now
+            runlock.remove_stale_temp_files(run_dir)
         try:
             import_user_modules(list(cfg.get("imports") or []))
             # teacher, source: found or trained here, once, before any worker starts (they see the folders)

@@ -42,8 +42,8 @@ def needed_config(need: Need, cfg: DictConfig, config_dir: Path | str | None = N
     for key, node in need.merged.items():
         needed[key] = OmegaConf.merge(OmegaConf.to_container(needed[key]), node)  # new keys are checked later
     for key in ("runs_dir", "device", "imports"):
-        if key in cfg:
-            needed[key] = cfg[key]
+        if key in cfg:  # force_add: `imports` (from +imports=...) is not in the packaged tree's struct
+            OmegaConf.update(needed, key, cfg[key], merge=False, force_add=True)
     model, data = needed.model.get("name"), needed.data.get("name")
     needed.name = f"{need.role}_{model}_{data}"
     return OmegaConf.create(OmegaConf.to_container(needed, resolve=True))
@@ -132,7 +132,7 @@ def _read_record(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        records = read_json(path)
+        records = read_json(path, list)
     except (OSError, ValueError):
         return []
     return (

@@ -18,33 +18,43 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from modrun.core.errors import UserError
+from modrun.core.errors import UnsafeInput, UserError
+from modrun.core.records import read_lines
 from modrun.core.registry import RECIPES
-from modrun.core.runfolder import env_info, git_info, read_json, reserve_run_dir, write_json
+from modrun.core.runfolder import discard_run_dir, env_info, git_info, read_json, reserve_run_dir, write_json
 
 # what can change a result; executable and argv always differ and say nothing about the numbers
 ENV_KEYS = ("python", "torch", "modrun", "platform", "machine", "cpu_count", "torch_threads", "cuda", "gpus")
 
 
-def reproduce_run(run_dir: Path) -> int:
-    """Re-run `run_dir` into runs_dir/<command>/<timestamp>_<name>_repro; 0 when it completed, whatever it found."""
-    from modrun.core.artifacts import load_run_config
+def reproduce_run(run_dir: Path, imports: list[str] | None = None) -> int:
+    """Re-run `run_dir` into runs_dir/<command>/<timestamp>_<name>_repro; 0 when it completed, whatever it found.
 
-    run_dir = Path(run_dir)
+    `imports`: the modules the user trusts (+imports=[...]); the record may name no others."""
+    from modrun.core.artifacts import load_run_config
+    from modrun.runner.validate import check_record
+
+    run_dir, given = Path(run_dir), list(imports or [])
     cfg, status = load_run_config(run_dir)
     command, state = status.get("command"), status.get("state")
     if command not in RECIPES:
         raise UserError(f"{run_dir}: only {', '.join(RECIPES.names())} runs can be reproduced (it is {command!r})")
+    check_record(command, cfg, run_dir, given)  # a record is input: checked like a command line, before any work
+    overrides = read_lines(run_dir / "overrides.txt")
     notes = [] if state == "completed" else [f"{run_dir} is {state}, not completed; reproducing it anyway"]
     notes += environment_differences(run_dir)
     _warn(*notes)
-    overrides = (run_dir / "overrides.txt").read_text().splitlines() if (run_dir / "overrides.txt").is_file() else []
     # beside the original (runs_dir/<command>/); a sweep's job goes under its config's runs_dir/<command>/
     root = run_dir.parent.parent if run_dir.parent.name == command else Path(cfg.runs_dir)
-    new = reserve_run_dir(root, command, f"{cfg.name}_repro")
+    new = _reserve(root, command, f"{cfg.name}_repro")
     record: dict[str, Any] = {"original": str(run_dir.resolve()), "original_state": state, "command": command}
     record["overrides"] = overrides  # as typed; config.yaml is what runs
-    code = _run(command, cfg, overrides, run_dir, new, notes, record)
+    try:
+        code = _run(command, cfg, overrides, run_dir, new, notes, record, given)
+    except UserError:
+        if not (new / "checkpoints" / "last.pt").exists():
+            discard_run_dir(new)  # refused before anything trained: no half-made reproduction left
+        raise
     record.update(differences=notes, exit_code=code)
     if code != 0:
         write_json(new / "reproduces.json", record)
@@ -62,8 +72,22 @@ def reproduce_run(run_dir: Path) -> int:
     return 0
 
 
+def _reserve(root: Path, command: str, name: str) -> Path:
+    try:
+        return reserve_run_dir(root, command, name)
+    except OSError as e:
+        raise UserError(f"cannot create the reproduction's folder under {root}: {e.strerror or e}") from None
+
+
 def _run(
-    command: str, cfg: DictConfig, overrides: list[str], original: Path, new: Path, notes: list[str], record: dict
+    command: str,
+    cfg: DictConfig,
+    overrides: list[str],
+    original: Path,
+    new: Path,
+    notes: list[str],
+    record: dict,
+    given: list[str],
 ) -> int:
     """Run the recorded config as a Hydra job composed from the recorded overrides.
 
@@ -87,7 +111,9 @@ def _run(
 
     with Composer(command, _config_dir(original)) as composer:
         try:
-            _, hydra_overrides = compose_and_validate(composer, overrides)
+            _, hydra_overrides = compose_and_validate(composer, overrides, allowed_imports=given)
+        except UnsafeInput:
+            raise  # a record that would write outside its folder or run code is refused, not worked around
         except UserError as e:
             notes.append(f"the recorded overrides no longer compose ({e.messages[0]}); running config.yaml alone")
             _warn(notes[-1])
@@ -183,7 +209,10 @@ def compare(original: Path, new: Path) -> dict[str, Any]:
     }
     result: dict[str, Any] = {"metrics": rows, "weights": weights}
     if (original / "teacher.json").is_file() and (new / "teacher.json").is_file():
-        teachers = [[t.get("weights_sha256") for t in read_json(r / "teacher.json")] for r in (original, new)]
+        teachers = [
+            [t.get("weights_sha256") for t in read_json(r / "teacher.json", list) if isinstance(t, dict)]
+            for r in (original, new)
+        ]
         result["teachers_identical"] = teachers[0] == teachers[1]
     same = [bool(rows), *(r["identical"] for r in rows), weights["identical"], result.get("teachers_identical", True)]
     result["identical"] = all(same)

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from modrun.core.records import RecordError, inside, try_json
 from modrun.core.runfolder import atomic_write, read_json, write_json
 
 SWEEP_FILE, SUMMARY_FILE, LOCK_FILE = "sweep.json", "summary.csv", ".sweep.lock"
@@ -69,10 +70,21 @@ def update_job(sweep_dir: Path, num: int, **fields: Any) -> None:
 
 def job_state(sweep_dir: Path, job: dict[str, Any]) -> str:
     """A job's state as its own run folder tells it (the folder's status.json is the truth, not sweep.json)."""
-    status = Path(sweep_dir) / job.get("run_dir", "") / "status.json"
-    if job.get("run_dir") and status.is_file():
-        return str(read_json(status).get("state", "unknown"))
-    return str(job.get("state", "pending"))
+    folder = job_folder(sweep_dir, job)
+    if folder is None:
+        return "bad record"
+    status, problem = try_json(folder / "status.json")
+    if problem:
+        return "damaged"
+    return str((status or job).get("state", "pending"))
+
+
+def job_folder(sweep_dir: Path, job: Any) -> Path | None:
+    """A job's run folder, inside the sweep folder; None when sweep.json names none there (damaged, or '../x')."""
+    try:
+        return inside(sweep_dir, job.get("run_dir") if isinstance(job, dict) else None, Path(sweep_dir) / SWEEP_FILE)
+    except RecordError:
+        return None
 
 
 def write_summary(sweep_dir: Path, record: dict[str, Any]) -> None:
@@ -81,8 +93,9 @@ def write_summary(sweep_dir: Path, record: dict[str, Any]) -> None:
 
     rows = []
     for job in record["jobs"]:
-        summary_path = Path(sweep_dir) / job.get("run_dir", "") / "summary.json"
-        metrics = flatten_summary(read_json(summary_path)) if job.get("run_dir") and summary_path.is_file() else {}
+        folder = job_folder(sweep_dir, job)
+        summary = try_json(folder / "summary.json")[0] if folder is not None else None
+        metrics = flatten_summary(summary or {})
         rows.append(
             {
                 "job": job["num"],

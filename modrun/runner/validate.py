@@ -5,21 +5,32 @@ from __future__ import annotations
 
 # imports inside functions here defer torch: the config is checked before torch is loaded (a bad key costs no import)
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from modrun.core.errors import UserError, did_you_mean
-from modrun.core.registry import RECIPES, import_user_modules
+from modrun.core.registry import RECIPES, import_user_modules, trusted_imports
 from modrun.core.values import suggest_key, type_problem
-from modrun.runner.checks import check_config, check_deletions, check_resolvable, check_tasks, dotted_keys
-from modrun.runner.compose import Composer
+from modrun.runner.checks import (
+    check_config,
+    check_deletions,
+    check_resolvable,
+    check_tasks,
+    components,
+    dotted_keys,
+)
+from modrun.runner.compose import Composer, compose_plain
 from modrun.runner.prerequisites import needed_config
 
 
-def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[DictConfig, list[str]]:
+def compose_and_validate(
+    composer: Composer, overrides: list[str], allowed_imports: list[str] | None = None
+) -> tuple[DictConfig, list[str]]:
     """Compose `overrides` and check the result; raise one UserError listing every problem.
 
+    `allowed_imports`: overrides read from a record (reproduce) may import only these modules, the user's own.
     Returns the config and the overrides to hand to Hydra (shorthands such as `kd.beta=8` written out)."""
     parsed = composer.parse(overrides)
     groups = set(composer.groups())
@@ -46,6 +57,8 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[Dict
     # the overrides that passed are composed and checked as a whole, so every problem is reported at once
     cfg = base if good == group_lines else composer.compose(good)  # composing costs ~0.1 s: once where it can
     imports = cfg.get("imports")
+    if allowed_imports is not None and _module_names(imports):
+        trusted_imports(cfg, allowed_imports, Path("overrides.txt"))
     # a malformed imports (a string, numbers) is not imported but reported by check_config
     import_user_modules(list(imports) if _module_names(imports) else [])
     deleted = any(line.startswith("~") for line in group_lines)
@@ -63,6 +76,10 @@ def compose_and_validate(composer: Composer, overrides: list[str]) -> tuple[Dict
         from modrun.components.drybuild import check_build
 
         errors += check_build(cfg)  # models on the meta device, optimizer and schedule with their arguments
+    if not errors:
+        from modrun.components.data.checks import check_data
+
+        errors += check_data(cfg)  # files that are not images, empty splits, labels out of range
     if not errors and composer.command in RECIPES:
         recipe = RECIPES.get(composer.command)
         errors += recipe.check(cfg)  # what only this command needs (teacher sources, pruning scope, ...)
@@ -206,3 +223,37 @@ def check_needs(needs: list[Any], cfg: DictConfig, config_dir: Any) -> list[str]
             continue
         errors += [f"{owner} ({need.command}): {m}" for m in check_config(needed, needed)]
     return errors
+
+
+def check_record(command: str, cfg: DictConfig, run_dir: Path, given: list[str], whole: bool = True) -> None:
+    """A run folder's config.yaml checked like a command line before it runs again (resume, reproduce, eval):
+    imports, then (`whole`) every key the command needs, then types, values and registry names."""
+    record = Path(run_dir) / "config.yaml"
+    trusted_imports(cfg, given, record)
+    reference = compose_plain(command, [])  # every key the command reads is there (`whole`), typed as in the tree
+    errors = (check_deletions(cfg, reference) if whole else []) or _type_problems(cfg, reference)
+    errors = errors or check_tasks(cfg) or check_resolvable(cfg) or check_config(cfg, cfg)
+    if errors:
+        raise UserError(*(f"{record}: {m}" for m in errors))
+
+
+def _type_problems(cfg: DictConfig, reference: DictConfig) -> list[str]:
+    """Values of a recorded config whose type differs from the packaged tree's (components' own arguments are
+    checked against their signatures by check_config)."""
+    found = [path for path, _ in components(cfg)]
+    known, problems = set(dotted_keys(reference)), []
+    for key in dotted_keys(cfg):
+        if key not in known or any(key == p or key.startswith(p + ".") for p in found):
+            continue
+        value = OmegaConf.select(cfg, key)
+        problem = (
+            None
+            if isinstance(value, (DictConfig, ListConfig))
+            else type_problem(reference_value(reference, key), value)
+        )
+        problems += [f"{key}={value}: {problem}"] if problem else []
+    return problems
+
+
+def reference_value(reference: DictConfig, key: str) -> Any:
+    return OmegaConf.select(reference, key, throw_on_missing=False)

@@ -9,7 +9,7 @@ from typing import cast
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.core.errors import UserError, did_you_mean
-from modrun.core.runfolder import read_json
+from modrun.core.records import inside, read_json
 from modrun.core.values import DEVICE, is_number, suggest_key, type_problem
 
 SOUPS = ("uniform", "greedy", "task_arithmetic")
@@ -75,12 +75,11 @@ def expand_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
     runs, notes = [], []
     for path in paths:
         if (path / "sweep.json").is_file():
-            try:
-                jobs = read_json(path / "sweep.json")["jobs"]
-                job_dirs = [Path(j["run_dir"]) for j in jobs]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}/sweep.json: expected {{'jobs': [{{'run_dir': ..., 'state': ...}}]}}") from None
-            for run in (d if d.is_absolute() else path / d for d in job_dirs):
+            record = path / "sweep.json"
+            jobs = read_json(record).get("jobs")  # a damaged sweep.json: one line naming it
+            if not isinstance(jobs, list) or not all(isinstance(j, dict) and "run_dir" in j for j in jobs):
+                raise UserError(f"{record}: expected {{'jobs': [{{'run_dir': ..., 'state': ...}}]}}")
+            for run in (inside(path, j["run_dir"], record) for j in jobs):  # a job's folder is inside the sweep
                 state = _state(run)  # the run's own status.json is authoritative, not the sweep's record
                 if state == "completed":
                     runs.append(run)
@@ -98,4 +97,5 @@ def expand_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def _state(run: Path) -> str | None:
-    return read_json(run / "status.json").get("state") if (run / "status.json").is_file() else None
+    state = read_json(run / "status.json").get("state") if (run / "status.json").is_file() else None
+    return None if state is None else str(state)

@@ -29,6 +29,8 @@ class Recipe:
     run: Callable[[DictConfig, Path, bool], dict]
     check: Callable[[DictConfig], list[str]] = lambda cfg: []  # problems of a composed config, checked by validation
     needs: Callable[[DictConfig], list[Need]] = lambda cfg: []
+    # numbers of its summary.json beyond the split metrics and runner/objective.py's COMMON: sweep objectives
+    summary_keys: tuple[str, ...] = ()
 
     def __call__(self, cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         """Run the recipe (what the registry's entries are: callables)."""

@@ -161,4 +161,9 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     }
 
 
-RECIPE = Recipe(run=prune, check=check, needs=needs)
+# the pruned model's cost (report.measure, report.latencies), and sensitivity's findings
+SUMMARY_KEYS = (
+    *("sparse_macs", "file_bytes", "latency_ms_cpu_b1", "latency_ms_cpu_b64", "latency_ms_cuda_b64", "speedup_cpu_b64"),
+    *("base_val_top1", "suggested_overall_sparsity"),
+)
+RECIPE = Recipe(run=prune, check=check, needs=needs, summary_keys=SUMMARY_KEYS)

@@ -21,6 +21,7 @@ from modrun.core.plots import pareto_front, pyplot
 from modrun.core.records import RecordError, inside, read_json, read_lines, try_json
 from modrun.core.runfolder import atomic_write, read_metrics
 from modrun.core.summary import flatten_summary
+from modrun.runner.objective import check_ranked_by
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 COST_KEYS = ("params", "nonzero_params", "macs")
@@ -97,6 +98,8 @@ def compare(paths: list[Path], objective: str | None = None, plots: bool = True,
     entries, sweep_objective, direction = collect(paths)
     if not entries:
         raise UserError("nothing to compare: no runs found")
+    if objective:  # a name of the user's: one that no run holds would rank nothing
+        check_ranked_by(objective, [e.metrics for e in entries])
     objective = objective or sweep_objective
     keys = varying(entries)
     sign = -1.0 if direction == "maximize" else 1.0

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -24,6 +25,7 @@ from modrun.core.runfolder import read_json, reserve_run_dir
 from modrun.core.stopping import sigterm_interrupts
 from modrun.core.summary import objective_value
 from modrun.runner.compose import hydra_free_copy, job_dir_name
+from modrun.runner.objective import check_objective
 from modrun.runner.sweepdir import job_state, now, update_job, update_sweep, write_sweep
 
 # Hydra plugins behind the launcher/sweeper choices users type, and the modrun extra that installs each
@@ -60,6 +62,7 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
         objective, direction = str(first_cfg.sweep.objective), str(first_cfg.sweep.direction)
         if direction not in ("maximize", "minimize"):
             raise UserError(f"sweep.direction={direction}: must be maximize or minimize")
+        check_objective(command, first_cfg, objective)
         sweeper = str(hydra_cfg.sweeper._target_).rsplit(".", 1)[-1]
         launcher = str(hydra_cfg.launcher._target_).rsplit(".", 1)[-1]
         optimizing = sweeper != "BasicSweeper"  # optuna and the like read each job's return value
@@ -67,6 +70,7 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
             lines.append(f"hydra.sweeper.direction={direction}")  # optuna optimises the sweep's own objective
         jobs = []
         if sweeper == "BasicSweeper":  # the grid is known before it runs: list every job as pending
+            _no_intervals(composer, lines)
             task_lines = [line for line in lines if not _is_hydra_line(line)]
             grid = BasicSweeper.split_arguments(composer.parse(task_lines), None)[0]
             jobs = [
@@ -99,6 +103,16 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
             _say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
             return 130
     return finish(sweep_dir)
+
+
+def _no_intervals(composer: Any, lines: list[str]) -> None:
+    """interval() is a range to sample from: only a sampling sweeper (optuna) can use it, not the grid."""
+    for o in composer.parse(lines):
+        if o.is_interval_sweep():
+            raise UserError(
+                f"{o.input_line}: interval() needs a sweeper that samples: add hydra/sweeper=optuna "
+                "(pip install 'modrun[sweep]'), or list the values (a=1,2,3) or use range()"
+            )
 
 
 def finish(sweep_dir: Path) -> int:

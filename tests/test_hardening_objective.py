@@ -27,7 +27,12 @@ def _one_error(r, *fragments: str) -> str:
 
 @pytest.mark.parametrize(
     ("objective", "closest"),
-    [("val/acc", "val/top1"), ("val/accuracy", "val/top1"), ("val/los", "val/loss"), ("best/vall/top1", "best/val/top1")],
+    [
+        ("val/acc", "val/top1"),
+        ("val/accuracy", "val/top1"),
+        ("val/los", "val/loss"),
+        ("best/vall/top1", "best/val/top1"),
+    ],
 )
 def test_a_sweep_objective_no_run_writes_is_refused(objective: str, closest: str) -> None:
     _one_error(cli("sweep", "train", *FAST, f"sweep.objective={objective}", "seed=0,1"), objective, closest)

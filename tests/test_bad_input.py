@@ -172,6 +172,26 @@ HAND_CASES = [
     ("prune prune=imp prune.rounds=0", "prune.rounds=0: must be >= 1"),
     ("prune prune=sensitivity prune.target=1.2", "need values in [0, 1)"),
     ("prune recover=distill kd.temperature=-4", "must be > 0"),
+    # issue #15: files placed outside the run folder, odd runs_dir, imports, late Hydra errors, sweeps
+    ("train hydra.output_subdir=/tmp/elsewhere", "hydra.output_subdir"),
+    ("train hydra.output_subdir=../../x", "hydra.output_subdir"),
+    ("train hydra.run.dir=/tmp/x", "hydra.run.dir"),
+    ("train +hydra.job_logging.handlers.f.filename=/tmp/x.log", "hydra.job_logging.handlers.f.filename"),
+    ("train hydra.mode=MULTIRUN", "hydra.mode"),
+    ("train runs_dir=null", "runs_dir"),
+    ("train +imports=['']", "+imports"),
+    ("train +imports=[.foo]", "+imports"),
+    ("train name=" + "n" * 5000, "name"),
+    ("sweep train seed=0,1 sweep.objective=val/acc", "did you mean val/top1?"),
+    ("sweep train seed=0,1 sweep.objective=val/los", "did you mean val/loss?"),
+    ("sweep train seed=0,1 sweep.objective=test/ppl", "sweep.objective=test/ppl"),
+    ("sweep train seed=0,1 sweep.direction=up", "sweep.direction=up"),
+    ("sweep train optim.lr=interval(0.01,0.1)", "hydra/sweeper=optuna"),
+    ("sweep train trainer.epochs=1", "at least one swept key"),
+    ("sweep train seed=0,1 optim.lrr=0.1", "did you mean optim.lr?"),
+    ("resume {afile}", "not a modrun run folder"),
+    ("eval {afile}", "not a modrun run folder"),
+    ("reproduce {notrun}", "not a modrun run folder"),
 ]
 
 
@@ -197,7 +217,9 @@ def test_hand_written_bad_input(line: str, expected: str, zoo: dict[str, str]) -
 # --- the fuzzer ---------------------------------------------------------------------------------------------------
 
 EXAMPLES = {c: 0 for c in COMMANDS}  # examples tried per command, printed by the last test
-FUZZ_EXAMPLES = 80  # per command
+REJECTED: set[tuple[str, ...]] = set()  # distinct fuzzed inputs refused with exit 2 and only error lines
+BAD_INPUTS_TARGET = 300  # hand-written cases plus distinct fuzzed rejections (issue #15)
+FUZZ_EXAMPLES = 120  # per command
 PATHS = ["nowhere", "nowhere/w.safetensors", ".", "afile", "/nonexistent/run", "runs"]
 PATH_KEYS = ["data.path", "data.root", "teacher.run", "teacher.checkpoint", "source.run", "source.checkpoint"]
 SPECIAL = ["nan", "inf", "-inf", "-1", "0", "-0.0", "1e308", "1e400", "100000000000000000000", "-99999999999"]
@@ -312,6 +334,7 @@ def _check_validate(command: str, overrides: list[str]) -> None:
     if r.code == 2:
         lines = r.err.strip().splitlines()
         assert lines and all(line.startswith("modrun: error: ") for line in lines), (overrides, lines)
+        REJECTED.add((command, *overrides))
         return
     from modrun.runner.checks import OPTIONAL_NODES, check_config
 
@@ -349,5 +372,10 @@ def test_fuzz_example_count() -> None:
     total = sum(EXAMPLES.values())
     if total == 0:
         pytest.skip("the fuzz tests did not run in this session")
-    print(f"\nfuzzed override lists tried: {total} ({EXAMPLES}); hand-written cases: {len(HAND_CASES)}")
+    bad = len({c[0] for c in HAND_CASES}) + len(REJECTED)
+    print(
+        f"\nfuzzed override lists tried: {total} ({EXAMPLES}), refused: {len(REJECTED)}; hand-written cases: "
+        f"{len(HAND_CASES)}; distinct bad inputs: {bad}"
+    )
     assert total >= FUZZ_EXAMPLES * len(COMMANDS) or os.environ.get("PYTEST_XDIST_WORKER")
+    assert bad >= BAD_INPUTS_TARGET or os.environ.get("PYTEST_XDIST_WORKER"), bad

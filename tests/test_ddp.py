@@ -49,7 +49,7 @@ def test_killed_data_parallel_run_resumes_bitwise(tmp_path):
     time.sleep(1.0)
     assert last.stat().st_mtime_ns == before  # the workers died with their parent
     assert 0 < torch.load(last, weights_only=True)["state"]["step"] < 20
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    done = cli_subprocess("resume", str(run), "+imports=[slowplugin]", cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
     assert read_json(run / "status.json")["state"] == "completed"
     _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)

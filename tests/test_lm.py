@@ -213,6 +213,6 @@ def test_killed_language_model_run_resumes_bitwise(tmp_path):
     run = _wait_for_step(tmp_path / "killed", 11, proc)  # epoch 2 (8 steps an epoch)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    done = cli_subprocess("resume", str(run), "+imports=[slowlm]", cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
     _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)

@@ -123,7 +123,7 @@ def test_missing_package_is_one_line_before_any_work(logger, monkeypatch):
 
 
 def test_missing_package_on_resume_is_one_line(monkeypatch):
-    """`modrun resume` does not validate again: the logger says it at build time."""
+    """`modrun resume` checks the recorded config first: the missing package is named with the file."""
     assert cli("train", *FAST).code == 0
     run = only_run()
     config = OmegaConf.load(run / "config.yaml")
@@ -134,9 +134,9 @@ def test_missing_package_on_resume_is_one_line(monkeypatch):
     r = cli("resume", str(run))
     assert r.code == 2 and "Traceback" not in r.text  # the lines before it are the run's log
     assert r.err.strip().splitlines()[-1] == (
-        "modrun: error: logger=mlflow needs the mlflow package: pip install 'modrun[mlflow]'"
+        f"modrun: error: {run / 'config.yaml'}: logger=mlflow needs the mlflow package: pip install 'modrun[mlflow]'"
     )
-    assert read_json(run / "status.json")["state"] == "failed"
+    assert read_json(run / "status.json")["state"] == "interrupted"  # refused before it ran: still resumable
 
 
 def test_metric_names_carry_phase_and_split():

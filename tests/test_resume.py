@@ -83,6 +83,11 @@ def _assert_identical(a: Path, b: Path) -> None:
     assert records(a) == records(b)
 
 
+def _imports(args: list[str]) -> list[str]:
+    """The `+imports=[...]` of a run's arguments: a resume names them again (a run folder imports nothing itself)."""
+    return [a for a in args if a.startswith("+imports=")]
+
+
 def _killed_mid_run(run: Path, steps: int = 40) -> None:
     """A killed run of `steps` steps: still marked running, its last checkpoint inside the run."""
     assert read_json(run / "status.json")["state"] == "running"
@@ -104,7 +109,7 @@ def _kill_and_resume(
     proc.wait()
     if killed is not None:
         killed(run)
-    done = cli_subprocess("resume", str(run), cwd=tmp, env=env)
+    done = cli_subprocess("resume", str(run), *_imports(args), cwd=tmp, env=env)
     assert done.returncode == 0, done.stderr
     reference = only_run(command, runs_dir=tmp / "ref")
     _assert_identical(reference, run)  # weights, final/best metrics and every metrics.jsonl record
@@ -125,7 +130,7 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < ckpt["state"]["step"] < 60
 
-    proc = _start(tmp_path, "killed", 0.03, "resume", str(run.relative_to(tmp_path)))
+    proc = _start(tmp_path, "killed", 0.03, "resume", str(run.relative_to(tmp_path)), *_imports(ARGS))
     deadline = time.time() + 120
     while ckpt["state"]["step"] >= torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]:
         assert time.time() < deadline and proc.poll() is None
@@ -134,11 +139,11 @@ def test_sigkill_twice_then_resume_is_bitwise_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)  # a second kill, during the resumed session
     proc.wait()
 
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    done = cli_subprocess("resume", str(run), *_imports(ARGS), cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
     assert read_json(run / "status.json")["state"] == "completed"
     _assert_identical(reference, run)
-    again = cli_subprocess("resume", str(run), cwd=tmp_path)
+    again = cli_subprocess("resume", str(run), *_imports(ARGS), cwd=tmp_path)
     assert again.returncode == 0 and "already completed" in again.stdout
 
 
@@ -154,7 +159,7 @@ def test_sigint_leaves_interrupted_resumable_run(tmp_path):
     status = read_json(run / "status.json")
     assert status["state"] == "interrupted" and "SIGINT" in status["error"]
     assert "Traceback" not in err and "modrun resume" in err
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=_env(tmp_path, 0))
+    done = cli_subprocess("resume", str(run), *_imports(ARGS), cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
     _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)
 

@@ -101,18 +101,24 @@ def test_sweep_folder_soups_its_completed_jobs(farm):
     shutil.copytree(farm["d2"], failed)
     status = read_json(failed / "status.json")
     (failed / "status.json").write_text(json.dumps({**status, "state": "failed"}))  # its own status wins
+    shutil.copytree(farm["d1"], sweep / "1")
     jobs = [
         {"run_dir": "0", "state": "completed"},
-        {"run_dir": str(farm["d1"].resolve()), "state": "completed"},
+        {"run_dir": "1", "state": "completed"},
         {"run_dir": "2", "state": "completed"},
         {"run_dir": "3", "state": "failed"},
     ]
+    # a job folder outside the sweep is refused (issue #15: paths read from a record stay inside it)
+    outside = [*jobs[:1], {"run_dir": str(farm["d1"].resolve()), "state": "completed"}]
+    (sweep / "sweep.json").write_text(json.dumps({"jobs": outside}))
+    r = cli("soup", str(sweep))
+    assert r.code == 2 and "points outside" in r.err and "Traceback" not in r.text, r.text
     (sweep / "sweep.json").write_text(json.dumps({"jobs": jobs}))
     r = cli("soup", str(sweep))
     assert r.code == 0, r.text
     soup = only_run("soup")
     rows = json.loads((soup / "ingredients.json").read_text())
-    assert [row["run"] for row in rows] == [str(sweep / "0"), str(farm["d1"].resolve())]
+    assert [row["run"] for row in rows] == [str(sweep / "0"), str(sweep / "1")]
     assert rows[0]["val/top1"] == read_json(farm["d0"] / "summary.json")["final"]["val/top1"]
     assert "skipping" in (soup / "log.txt").read_text()
     _assert_mean(soup, [farm["d0"], farm["d1"]])

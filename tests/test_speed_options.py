@@ -147,7 +147,7 @@ def test_killed_run_resumes_bitwise(tmp_path, monkeypatch, option):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert cli("train", "--runs-dir", "ref", *args).code == 0
-    done = cli("resume", str(run))
+    done = cli("resume", str(run), "+imports=[slowplugin]")
     assert done.code == 0, done.text
     assert "resumed from step" in done.text
     _assert_identical(only_run(runs_dir=tmp_path / "ref"), run)

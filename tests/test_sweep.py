@@ -164,7 +164,7 @@ def test_killed_sweep_resumes_only_the_jobs_that_did_not_complete(tmp_path):
     assert states == ["completed", "running", "pending"] and not (sweep / "002").exists()
     first = (sweep / "000" / "summary.json").stat().st_mtime_ns
 
-    done = cli_subprocess("resume", str(sweep), cwd=tmp_path, env=_env(tmp_path, 0))
+    done = cli_subprocess("resume", str(sweep), "+imports=[slowplugin]", cwd=tmp_path, env=_env(tmp_path, 0))
     assert done.returncode == 0, done.stderr
     record = read_json(sweep / "sweep.json")
     assert record["state"] == "completed" and [j["state"] for j in record["jobs"]] == ["completed"] * 3
@@ -176,7 +176,7 @@ def test_killed_sweep_resumes_only_the_jobs_that_did_not_complete(tmp_path):
     assert ref.returncode == 0, ref.stderr
     reference = next((tmp_path / "ref" / "train").iterdir())
     assert (reference / "model.safetensors").read_bytes() == (sweep / "001" / "model.safetensors").read_bytes()
-    again = cli_subprocess("resume", str(sweep), cwd=tmp_path)
+    again = cli_subprocess("resume", str(sweep), "+imports=[slowplugin]", cwd=tmp_path)
     assert again.returncode == 0 and "every job already completed" in again.stderr
 
 

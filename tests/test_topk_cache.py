@@ -129,6 +129,6 @@ def test_killed_top_k_cached_distillation_resumes_bitwise(tmp_path):
     run = _wait_for_step(tmp_path / "killed", 6, proc)  # epoch 2 (4 steps an epoch): reading the cache
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = cli_subprocess("resume", str(run), cwd=tmp_path, env=env)
+    done = cli_subprocess("resume", str(run), "+imports=[slowlm]", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     _assert_identical(only_run("distill", runs_dir=tmp_path / "ref"), run)

@@ -14,7 +14,7 @@ from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseExce
 
 from modrun.components.data import RUNNER_KEYS
 from modrun.components.models import MODEL_TASKS
-from modrun.core.errors import did_you_mean
+from modrun.core.errors import UserError, did_you_mean
 from modrun.core.registry import (
     DATASETS,
     KD_METHODS,
@@ -162,8 +162,21 @@ def check_resolvable(cfg: DictConfig) -> list[str]:
     except InterpolationToMissingValueError:
         return []  # a missing value (???): check_config names it where it lives
     except OmegaConfBaseException as e:
+        said = _user_error(e)
+        if said is not None:  # a resolver of modrun's (modrun_vocab) said what is wrong
+            return list(said.messages)
         return [f"{getattr(e, 'full_key', None) or 'config'}: cannot be resolved ({str(e).splitlines()[0]})"]
     return []
+
+
+def _user_error(e: BaseException) -> UserError | None:
+    """The UserError a resolver raised, found in the chain of errors OmegaConf wraps it in."""
+    seen: BaseException | None = e
+    for _ in range(10):
+        seen = seen.__cause__ or seen.__context__ if seen is not None else None
+        if isinstance(seen, UserError):
+            return seen
+    return None
 
 
 def _check_component(cfg: DictConfig, path: str, c: Component) -> list[str]:

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from modrun.components.data.tokenize import vocab_size
 from modrun.core.errors import UnsafeInput, UserError
 from modrun.runner.hydrachecks import check_hydra_node, check_placement_overrides
 
@@ -177,6 +178,8 @@ def job_dir_name(num: int | str) -> str:
 # resolved by Hydra inside each job, in whatever process the launcher starts: registered on import, and the
 # sweep's task lives in modrun.runner.sweep, which imports this module wherever the task is unpickled
 OmegaConf.register_new_resolver("modrun_job_dir", job_dir_name, replace=True)
+# data.vocab_size of a tokenised text_file: the tokenizer's size, read from its folder (conf/data/text_file.yaml)
+OmegaConf.register_new_resolver("modrun_vocab", vocab_size, replace=True)
 
 
 def _quote(value: str) -> str:

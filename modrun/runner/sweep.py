@@ -97,7 +97,7 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
         task = SweepJob(command, sweep_dir, objective, direction, optimizing, threads, record["config_dir"])
         try:
             with sigterm_interrupts():  # SIGTERM between jobs too: the sweep is interrupted, as by Ctrl-C
-                composer.multirun(lines, sweep_dir, task)
+                composer.multirun(lines, sweep_dir.absolute(), task)
         except KeyboardInterrupt:
             update_sweep(sweep_dir, state="interrupted")
             _say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
@@ -148,10 +148,13 @@ class SweepJob:
     ) -> None:
         self.command, self.sweep_dir, self.config_dir = command, Path(sweep_dir).absolute(), config_dir
         self.objective, self.direction, self.optimizing, self.threads = objective, direction, optimizing, threads
+        self.cwd = os.getcwd()  # relative paths of the job (data.path, teacher.run) mean what they meant here
 
     def __call__(self, job_cfg: DictConfig) -> float | int:
         from hydra.core.hydra_config import HydraConfig
 
+        if os.getcwd() != self.cwd:  # a launcher's worker that a pool kept from an earlier sweep elsewhere
+            os.chdir(self.cwd)
         hc = HydraConfig.get()
         num, run_dir, overrides = int(hc.job.num), Path(hc.runtime.output_dir), list(hc.overrides.task)
         _say(f"job {job_dir_name(num)}: {shlex.join(overrides)}")

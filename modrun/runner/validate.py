@@ -231,6 +231,10 @@ def check_record(command: str, cfg: DictConfig, run_dir: Path, given: list[str],
     record = Path(run_dir) / "config.yaml"
     trusted_imports(cfg, given, record)
     reference = compose_plain(command, [])  # every key the command reads is there (`whole`), typed as in the tree
+    for path, _ in components(cfg):  # another choice (prune=imp) has its own arguments: its node is its reference
+        node, ref = OmegaConf.select(cfg, path), OmegaConf.select(reference, path, throw_on_missing=False)
+        if isinstance(node, DictConfig) and (not isinstance(ref, DictConfig) or ref.get("name") != node.get("name")):
+            OmegaConf.update(reference, path, node, merge=False, force_add=True)
     errors = (check_deletions(cfg, reference) if whole else []) or _type_problems(cfg, reference)
     errors = errors or check_tasks(cfg) or check_resolvable(cfg) or check_config(cfg, cfg)
     if errors:

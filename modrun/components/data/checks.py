@@ -8,6 +8,7 @@ or the class. Reading image headers costs about a millisecond a file; pixels are
 
 from __future__ import annotations
 
+# imports inside functions here defer torch (components.build): validation imports this module before the build
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

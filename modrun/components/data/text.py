@@ -1,11 +1,13 @@
-"""Text corpora for language modeling, byte-level (vocabulary 256: every UTF-8 byte is a token).
+"""Text corpora for language modeling, byte-level (vocabulary 256: every UTF-8 byte is a token), or for
+`text_file` tokenised by a local Hugging Face tokenizer (`data.tokenizer`, tokenize.py).
 
 `python_docs`: the Python reference documentation that every CPython ships (`pydoc_data.topics`, ~466 KB of
 English technical prose). `python_code`: the standard library's own `.py` sources. `text_file`: a user's
 `.txt` / `.jsonl` file, or a folder of them.
 
 A corpus is cut into chunks of `chunk_bytes`; a fixed `split_seed` sends each chunk to train, val or test, and
-each split is its chunks joined in corpus order. Training draws `windows_per_epoch` random windows of
+each split is its chunks joined in corpus order (with a tokenizer: chunks of `chunk_bytes` characters, each
+tokenised on its own). Training draws `windows_per_epoch` random windows of
 `block_size + 1` tokens per epoch from a generator seeded by (seed, epoch), so a resumed run draws the same
 ones; validation and test read their split once, in consecutive windows.
 """
@@ -70,6 +72,13 @@ def split_chunks(
     raw: bytes, val_fraction: float, test_fraction: float, chunk_bytes: int, split_seed: int
 ) -> tuple[bytes, bytes, bytes]:
     """The corpus as train/val/test: chunks of `chunk_bytes` sent to a split by a seeded permutation."""
+    return tuple(raw[:0].join(part) for part in chunk_splits(raw, val_fraction, test_fraction, chunk_bytes, split_seed))
+
+
+def chunk_splits(
+    raw: bytes | str, val_fraction: float, test_fraction: float, chunk_bytes: int, split_seed: int
+) -> tuple[list, list, list]:
+    """The chunks (of `chunk_bytes` bytes, or characters of a str) of train, val and test, each in corpus order."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in (0, 1) and sum "
@@ -83,7 +92,7 @@ def split_chunks(
     if n - n_val - n_test < 1:
         raise UserError(f"data: {len(raw)} bytes in {n} chunks of {chunk_bytes} are too few for train/val/test")
     parts = (sorted(order[n_val + n_test :]), sorted(order[:n_val]), sorted(order[n_val : n_val + n_test]))
-    return tuple(b"".join(raw[i * chunk_bytes : (i + 1) * chunk_bytes] for i in part) for part in parts)
+    return tuple([raw[i * chunk_bytes : (i + 1) * chunk_bytes] for i in part] for part in parts)
 
 
 def text_data(
@@ -94,30 +103,45 @@ def text_data(
     test_fraction: float,
     chunk_bytes: int,
     split_seed: int,
+    tokenizer: str | None = None,
+    cache_root: Path | None = None,
 ) -> Data:
-    """A byte-level language-modeling bundle of `raw`."""
+    """A language-modeling bundle of `raw`: byte-level, or tokenised by the tokenizer folder `tokenizer` (cached
+    under `cache_root`, see tokenize.py)."""
     if block_size < 1:
         raise UserError(f"data.block_size={block_size}: must be >= 1")
-    parts = split_chunks(raw, val_fraction, test_fraction, chunk_bytes, split_seed)
-    for name, part in zip(("train", "val", "test"), parts, strict=True):
+    split_args = (val_fraction, test_fraction, chunk_bytes, split_seed)
+    if tokenizer is None:
+        parts = split_chunks(raw, *split_args)
+        tokens = [torch.from_numpy(np.frombuffer(p, dtype=np.uint8).copy()) for p in parts]
+        vocab, bytes_per_token, unit = VOCAB, [1.0, 1.0, 1.0], "bytes"
+    else:
+        from modrun.components.data.tokenize import tokenized_splits  # transformers only for a tokenizer
+
+        # characters, not bytes: no character is cut in two
+        splits = chunk_splits(raw.decode("utf-8"), *split_args)
+        tokens, vocab, bytes_per_token = tokenized_splits(raw, splits, tokenizer, cache_root, split_args)
+        unit = "tokens"
+    for name, part in zip(("train", "val", "test"), tokens, strict=True):
         if len(part) < block_size + 1:
             raise UserError(
-                f"data.block_size={block_size}: the {name} split has only {len(part)} bytes; "
+                f"data.block_size={block_size}: the {name} split has only {len(part)} {unit}; "
                 f"use a smaller block_size or a larger corpus"
             )
-    tokens = [torch.from_numpy(np.frombuffer(p, dtype=np.uint8).copy()) for p in parts]
     train_windows = windows_per_epoch if windows_per_epoch is not None else len(tokens[0]) // block_size
     if train_windows < 1:
         raise UserError(f"data.windows_per_epoch={windows_per_epoch}: must be >= 1")
 
-    def split(t: torch.Tensor, windows: int, random: bool) -> TextSplit:
-        return TextSplit(y=torch.zeros(0), tokens=t, block_size=block_size, windows=windows, random=random)
+    def split(i: int, windows: int, random: bool) -> TextSplit:
+        task = language_modeling(bytes_per_token[i])  # bits per byte from this split's own bytes and tokens
+        return TextSplit(y=torch.zeros(0), tokens=tokens[i], block_size=block_size, windows=windows, random=random,
+                         task=task)  # fmt: skip
 
-    train = split(tokens[0], int(train_windows), True)
-    val, test = (split(t, (len(t) - 1) // block_size, False) for t in tokens[1:])
+    train = split(0, int(train_windows), True)
+    val, test = (split(i, (len(tokens[i]) - 1) // block_size, False) for i in (1, 2))
     return Data(
-        train, val, test, channels=0, image_size=0, num_classes=VOCAB, task=language_modeling(1.0),
-        vocab_size=VOCAB, block_size=block_size,
+        train, val, test, channels=0, image_size=0, num_classes=vocab, task=train.task,
+        vocab_size=vocab, block_size=block_size,
     )  # fmt: skip
 
 
@@ -190,8 +214,10 @@ def text_file(
     test_fraction: float = 0.05,
     chunk_bytes: int = 4096,
     split_seed: int = 0,
+    tokenizer: str | None = None,
 ) -> Data:
-    """A user's .txt / .jsonl file, or every such file under a folder (sorted), byte-level."""
+    """A user's .txt / .jsonl file, or every such file under a folder (sorted): byte-level, or tokenised by a
+    Hugging Face tokenizer folder (`tokenizer`), its tokens cached next to the data."""
     base = Path(path).expanduser()
     if base.is_dir():
         files = sorted(p for p in base.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -204,4 +230,6 @@ def text_file(
     raw = b"\n\n".join(read_text(p) for p in files)
     if not raw.strip():
         raise UserError(f"data.path: {base} holds no text")
-    return text_data(raw, block_size, windows_per_epoch, val_fraction, test_fraction, chunk_bytes, split_seed)
+    cache_root = base if base.is_dir() else base.parent
+    split_args = (val_fraction, test_fraction, chunk_bytes, split_seed)
+    return text_data(raw, block_size, windows_per_epoch, *split_args, tokenizer=tokenizer, cache_root=cache_root)

@@ -138,3 +138,18 @@ def test_a_bad_tokenizer_folder_is_one_line(corpus, tmp_path, tokenizer, expecte
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modrun: error: ") and expected in lines[0], lines
     assert not Path("runs").exists()
+
+
+def test_a_teacher_of_another_tokenizer_is_refused_naming_both(corpus):
+    """Token-level KD needs one vocabulary: a teacher trained on the tokenised corpus cannot teach byte-level."""
+    assert cli("train", *RUN, *_args(corpus), "trainer.epochs=0", "--runs-dir", "t").code == 0
+    teacher = only_run(runs_dir=Path("t"))
+    student = [*GPT, "data=python_docs", "model@teacher=gpt", "trainer.epochs=1", "trainer.progress=false"]
+    r = cli("distill", *student, f"teacher.run={teacher}")
+    assert r.code == 2 and "Traceback" not in r.text, r.text
+    line = r.err.strip().splitlines()[-1]
+    assert (
+        line.startswith("modrun: error: teacher.run=") and f"reads {VOCAB} tokens (tokenizer: {corpus['tok']})" in line
+    )
+    assert "this data has 256 (tokenizer: byte-level)" in line, line
+    assert not list(Path("runs").glob("distill/*"))  # the folder made before the teacher was read is gone

@@ -102,6 +102,13 @@ def model_from_run(run: str | Path, data: Data, device: torch.device, key: str) 
         raise UserError(f"{key}={run}: that run is {status.get('state')}, not completed; resume it first")
     if not run_weights(run).exists():
         raise UserError(f"{key}={run}: that run has no {run_weights(run).name}")
+    want = cfg.model.get("vocab_size")
+    if isinstance(want, int) and data.vocab_size and want != data.vocab_size:  # teacher and student share tokens
+        theirs = OmegaConf.select(cfg, "data.tokenizer", default=None) or "byte-level"
+        raise UserError(
+            f"{key}={run}: its model reads {want} tokens (tokenizer: {theirs}) but this data has {data.vocab_size} "
+            f"(tokenizer: {data.tokenizer}); use the data and data.tokenizer that run was trained on"
+        )
     model = build_model(cfg.model, data, path=f"{key} model")
     shapes = read_shapes(run)
     if shapes:  # a structurally pruned run: rebuild its smaller layers before loading the weights

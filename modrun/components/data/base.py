@@ -46,6 +46,7 @@ class Data:
     task: Task = CLASSIFICATION
     vocab_size: int = 0  # language modeling: tokens (num_classes is the same number)
     block_size: int = 0  # language modeling: tokens per window
+    tokenizer: str = "byte-level"  # language modeling: what made the tokens (a tokenizer folder), for messages
 
     def to(self, device: torch.device) -> Data:
         """Move in-memory splits to the device once, so that batching is indexing on the device."""

@@ -141,7 +141,7 @@ def text_data(
     val, test = (split(i, (len(tokens[i]) - 1) // block_size, False) for i in (1, 2))
     return Data(
         train, val, test, channels=0, image_size=0, num_classes=vocab, task=train.task,
-        vocab_size=vocab, block_size=block_size,
+        vocab_size=vocab, block_size=block_size, tokenizer=str(tokenizer or "byte-level"),
     )  # fmt: skip
 
 

@@ -195,3 +195,47 @@ def test_warmup_defaults_20_in_the_cifar_recipe_and_0_on_digits(tmp_path):
         assert f"warmup_epochs: {want}\n" in r.out
     r = cli("validate", "distill", "experiment=kd_resnet56_resnet20", "kd=[dkd,reviewkd]", "kd.warmup_epochs=3")
     assert r.code == 0 and r.out.count("warmup_epochs: 3\n") == 3  # kd-level and both terms
+
+
+# --- hidden states of transformers: (T, C) token features ------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_fitnet_on_hidden_states_maps_every_token_alone(b):
+    """The adapter is one linear map applied to each token (no mixing of positions): checked token by token."""
+    m = build("fitnet", [(5, 4)], [(5, 6)])
+    randomise(m, 2)
+    fs, ft = rand(6, b, 5, 4), rand(7, b, 5, 6)
+    lin = m.adapters[0][0]
+    w, bias = lin.weight.detach(), lin.bias.detach()
+    total = 0.0
+    for i in range(b):
+        for t in range(5):
+            for o in range(6):
+                r = sum(w[o, c].item() * fs[i, t, c].item() for c in range(4)) + bias[o].item()
+                total += (r - ft[i, t, o].item()) ** 2
+    assert call(m.train(), [fs], [ft]) == pytest.approx(total / (b * 5 * 6), rel=RTOL)
+    assert sum(p.numel() for p in m.parameters()) == 4 * 6 + 6  # not a (T*C)^2 matrix
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_cosine_is_one_minus_the_cosine_of_each_tokens_hidden_states(b):
+    """DistilBERT's cosine embedding loss: mean over tokens of 1 - cos(h_s, h_t); no adapter at equal widths."""
+    m = build("cosine", [(5, 6)], [(5, 6)])
+    assert not list(m.parameters())
+    fs, ft = rand(8, b, 5, 6), rand(9, b, 5, 6)
+    ref = sum(1 - _cos(fs[i, t].tolist(), ft[i, t].tolist()) for i in range(b) for t in range(5)) / (b * 5)
+    assert call(m, [fs], [ft]) == pytest.approx(ref, rel=RTOL)
+    # different widths: through the per-token linear adapter, then the same formula
+    m = build("cosine", [(5, 4)], [(5, 6)])
+    randomise(m, 3)
+    lin = m.adapters[0][0]
+    fs = rand(10, b, 5, 4)
+    mapped = torch.einsum("oc,btc->bto", lin.weight.detach(), fs) + lin.bias.detach()
+    ref = sum(1 - _cos(mapped[i, t].tolist(), ft[i, t].tolist()) for i in range(b) for t in range(5)) / (b * 5)
+    assert call(m, [fs], [ft]) == pytest.approx(ref, rel=RTOL)

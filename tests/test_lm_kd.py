@@ -96,3 +96,16 @@ def test_the_dense_teacher_cache_serves_text_with_fixed_windows():
     assert r.code == 0, r.text
     files = list((only_run("distill") / "teacher_cache").glob("*.f32"))
     assert files and files[0].stat().st_size == 128 * 32 * 256 * 4  # windows x tokens x vocabulary, fp32
+
+
+@pytest.mark.parametrize("terms", ["kd=fitnet", "kd=[kd,cosine]"])
+def test_feature_terms_distill_a_language_models_hidden_states(terms):
+    """fitnet / cosine on the last block's hidden states (T, C) of GPTs of different widths, through the CLI: one
+    linear map per token bridges 32 -> 48 channels, and the run reports the LM metrics."""
+    r = cli("distill", *SMALL, "teacher.n_embd=48", terms)
+    assert r.code == 0, r.text
+    run = only_run("distill")
+    weights = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["modules"]["kd"]
+    adapter = [v for k, v in weights.items() if "adapters.0.0.weight" in k]
+    assert [tuple(a.shape) for a in adapter] == [(48, 32)], {k: tuple(v.shape) for k, v in weights.items()}
+    assert "val/bpb" in read_json(run / "summary.json")["final"]

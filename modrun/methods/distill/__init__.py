@@ -16,6 +16,7 @@ KD_METHODS.lazy("reverse_kl", f"{_D}:ReverseKL", "reverse KL(student || teacher)
 KD_METHODS.lazy("jsd", f"{_D}:GeneralizedJSD", "generalised Jensen-Shannon JSD(beta) of GKD (Agarwal et al. 2024)")
 _F = "modrun.methods.distill.methods_feature"
 KD_METHODS.lazy("fitnet", f"{_F}:FitNet", "hint regression of features through a 1x1 adapter (Romero et al. 2015)")
+KD_METHODS.lazy("cosine", f"{_F}:CosineHidden", "1 - cosine of hidden states, per token (DistilBERT, Sanh et al. 2019)")
 KD_METHODS.lazy("at", f"{_F}:AT", "attention transfer: spatial attention maps (Zagoruyko & Komodakis 2017)")
 KD_METHODS.lazy("sp", f"{_F}:SP", "similarity-preserving batch Gram matrices (Tung & Mori ICCV 2019)")
 KD_METHODS.lazy("vid", f"{_F}:VID", "variational information distillation, Gaussian likelihood (Ahn et al. 2019)")

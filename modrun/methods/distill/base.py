@@ -45,10 +45,13 @@ def match_spatial(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def adapter(s_shape: torch.Size, t_shape: torch.Size) -> torch.nn.Module:
-    """A small trainable map from student to teacher channels: 1x1 conv + BN for maps, linear for vectors."""
+    """A small trainable map from student to teacher channels: 1x1 conv + BN for maps, one linear map applied to
+    every token for token features (T, C) of the same length (a transformer's hidden states), linear for vectors."""
     if len(s_shape) == 3 and len(t_shape) == 3:
         return torch.nn.Sequential(
             torch.nn.Conv2d(s_shape[0], t_shape[0], 1, bias=False), torch.nn.BatchNorm2d(t_shape[0])
         )
+    if len(s_shape) == 2 and len(t_shape) == 2 and s_shape[0] == t_shape[0]:
+        return torch.nn.Sequential(torch.nn.Linear(s_shape[1], t_shape[1]))  # per token: positions are not mixed
     s_dim, t_dim = int(torch.Size(s_shape).numel()), int(torch.Size(t_shape).numel())
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(s_dim, t_dim))

@@ -56,7 +56,7 @@ def plain_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: t
     for epoch in range(args.epochs):
         for x, y, _ in batches(data.train, args.batch_size, seed=0, epoch=epoch, shuffle=True):
             logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

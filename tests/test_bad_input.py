@@ -370,8 +370,8 @@ def test_fuzzed_overrides_are_valid_or_one_line_errors(command: str) -> None:
 def test_fuzz_example_count() -> None:
     """Prints how many override lists the fuzzer tried (run with -s to see it)."""
     total = sum(EXAMPLES.values())
-    if total == 0:
-        pytest.skip("the fuzz tests did not run in this session")
+    if total < FUZZ_EXAMPLES * len(COMMANDS):
+        pytest.skip("the fuzz tests did not all run in this session (-k, --lf, xdist)")
     bad = len({c[0] for c in HAND_CASES}) + len(REJECTED)
     print(
         f"\nfuzzed override lists tried: {total} ({EXAMPLES}), refused: {len(REJECTED)}; hand-written cases: "

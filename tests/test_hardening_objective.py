@@ -45,7 +45,9 @@ def test_a_language_model_sweep_knows_its_own_metrics() -> None:
     r = cli("validate", "train", *TINY_LM)
     assert r.code == 0, r.text
     names = objective_names("train", OmegaConf.create(r.out))
-    assert {"val/ppl", "val/bpb", "best/val/loss"} <= set(names) and "val/top5" not in names
+    assert {"val/ppl", "val/bpb", "best/val/loss", "best/test/bpb"} <= set(names) and "val/top5" not in names
+    assert "best/val/bpb" not in names  # the best epoch records only the metric that chose it (val loss)
+    _one_error(cli("sweep", "train", *FAST, "sweep.objective=best/val/loss", "seed=0,1"), "best/val/loss")
 
 
 def test_interval_with_the_grid_sweeper_says_it_needs_optuna() -> None:

@@ -255,3 +255,17 @@ def test_compare_out_that_is_a_file_and_a_name_too_long(tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
     _one_error(cli("train", *FAST, "name=" + "n" * 5000), "name: 5000 characters")
     assert _no_runs()
+
+
+def test_a_record_of_another_choice_still_needs_the_keys_its_choice_needs(tmp_path):
+    """A language-model run's config.yaml without data.batch_size: refused on resume naming the key (the record
+    is checked against the tree composed with its own choices, data=python_docs and model=gpt)."""
+    lm = ["model=gpt", "data=python_docs", "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "trainer.epochs=0"]
+    assert cli("train", *lm, "trainer.progress=false").code == 0
+    run = only_run()
+    (run / "status.json").write_text(json.dumps({**read_json(run / "status.json"), "state": "interrupted"}))
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text("\n".join(x for x in text.splitlines() if not x.startswith("  batch_size:")))
+    before = (run / "status.json").read_bytes()
+    _one_error(cli("resume", str(run)), "data.batch_size")
+    assert (run / "status.json").read_bytes() == before

@@ -98,7 +98,7 @@ def test_the_dense_teacher_cache_serves_text_with_fixed_windows():
     assert files and files[0].stat().st_size == 128 * 32 * 256 * 4  # windows x tokens x vocabulary, fp32
 
 
-@pytest.mark.parametrize("terms", ["kd=fitnet", "kd=[kd,cosine]"])
+@pytest.mark.parametrize("terms", ["kd=fitnet", "kd=[kd,cosine]", "kd=vid"])
 def test_feature_terms_distill_a_language_models_hidden_states(terms):
     """fitnet / cosine on the last block's hidden states (T, C) of GPTs of different widths, through the CLI: one
     linear map per token bridges 32 -> 48 channels, and the run reports the LM metrics."""
@@ -106,6 +106,6 @@ def test_feature_terms_distill_a_language_models_hidden_states(terms):
     assert r.code == 0, r.text
     run = only_run("distill")
     weights = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["modules"]["kd"]
-    adapter = [v for k, v in weights.items() if "adapters.0.0.weight" in k]
+    adapter = [v for k, v in weights.items() if k.endswith(("adapters.0.0.weight", "regressors.0.0.weight"))]
     assert [tuple(a.shape) for a in adapter] == [(48, 32)], {k: tuple(v.shape) for k, v in weights.items()}
     assert "val/bpb" in read_json(run / "summary.json")["final"]

@@ -12,6 +12,7 @@ from modrun.core.registry import RECIPES
 
 # what evaluation reports per split, by the data's task (components/data/tasks.py: Task.metrics)
 TASK_METRICS = {"classification": ("loss", "top1", "top5"), "language_modeling": ("loss", "top1", "ppl", "bpb")}
+BEST = {"classification": "top1", "language_modeling": "loss"}  # Task.best of components/data/tasks.py
 # numbers every training command writes: the loop's counters, the run's wall time, the cost report
 COMMON = ("steps", "epochs", "wall_time_s", "params", "nonzero_params", "macs", "latency_ms_batch1")
 
@@ -20,9 +21,12 @@ def objective_names(command: str, cfg: DictConfig) -> list[str]:
     """Every key `objective_value` can find in this command's summary.json for this config."""
     data = cfg.get("data")
     task = str(data.get("task", "classification")) if isinstance(data, DictConfig) else "classification"
-    split_keys = [f"{s}/{m}" for s in ("val", "test") for m in TASK_METRICS.get(task, TASK_METRICS["classification"])]
+    metrics = TASK_METRICS.get(task, TASK_METRICS["classification"])
+    split_keys = [f"{s}/{m}" for s in ("val", "test") for m in metrics]
+    # the best epoch records the metric that chose it (engine/loop.py) and the test metrics of best.pt
+    best = ["best/epoch", f"best/val/{BEST[task] if task in BEST else 'top1'}", *(f"best/test/{m}" for m in metrics)]
     extra = getattr(RECIPES.get(command), "summary_keys", ())
-    return sorted({*split_keys, *(f"best/{k}" for k in split_keys), "best/epoch", *COMMON, *extra})
+    return sorted({*split_keys, *best, *COMMON, *extra})
 
 
 def check_objective(command: str, cfg: DictConfig, objective: str) -> None:

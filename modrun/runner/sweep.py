@@ -153,7 +153,7 @@ class SweepJob:
     def __call__(self, job_cfg: DictConfig) -> float | int:
         from hydra.core.hydra_config import HydraConfig
 
-        if os.getcwd() != self.cwd:  # a launcher's worker that a pool kept from an earlier sweep elsewhere
+        if os.getcwd() != self.cwd and os.path.isdir(self.cwd):  # a pool's worker kept from an earlier sweep
             os.chdir(self.cwd)
         hc = HydraConfig.get()
         num, run_dir, overrides = int(hc.job.num), Path(hc.runtime.output_dir), list(hc.overrides.task)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from modrun.core.errors import UserError, did_you_mean
 from modrun.core.registry import RECIPES, import_user_modules, trusted_imports
@@ -230,15 +231,35 @@ def check_record(command: str, cfg: DictConfig, run_dir: Path, given: list[str],
     imports, then (`whole`) every key the command needs, then types, values and registry names."""
     record = Path(run_dir) / "config.yaml"
     trusted_imports(cfg, given, record)
-    reference = compose_plain(command, [])  # every key the command reads is there (`whole`), typed as in the tree
-    for path, _ in components(cfg):  # another choice (prune=imp) has its own arguments: its node is its reference
-        node, ref = OmegaConf.select(cfg, path), OmegaConf.select(reference, path, throw_on_missing=False)
-        if isinstance(node, DictConfig) and (not isinstance(ref, DictConfig) or ref.get("name") != node.get("name")):
-            OmegaConf.update(reference, path, node, merge=False, force_add=True)
+    reference = _recorded_reference(command, cfg)
     errors = (check_deletions(cfg, reference) if whole else []) or _type_problems(cfg, reference)
     errors = errors or check_tasks(cfg) or check_resolvable(cfg) or check_config(cfg, cfg)
     if errors:
         raise UserError(*(f"{record}: {m}" for m in errors))
+
+
+def _recorded_reference(command: str, cfg: DictConfig) -> DictConfig:
+    """The packaged tree composed with the record's own choices (data=python_docs, prune=imp), so that every key
+    the command reads is there (`whole`), typed as in the tree; a choice the tree lacks (a component of one's
+    own, or one named differently from its option) is its own reference."""
+    default = compose_plain(command, [])
+    chosen, options = [], []
+    for path, _ in components(cfg):
+        node, ref = OmegaConf.select(cfg, path), OmegaConf.select(default, path, throw_on_missing=False)
+        if not isinstance(node, DictConfig) or (isinstance(ref, DictConfig) and ref.get("name") == node.get("name")):
+            continue
+        chosen.append((path, node))
+        line = f"{'model@teacher' if path == 'teacher' else path}={node.get('name')}"
+        try:  # an option of the tree of that name that builds that component
+            if OmegaConf.select(compose_plain(command, [line]), f"{path}.name") == node.get("name"):
+                options.append(line)
+        except (UserError, OmegaConfBaseException):
+            pass
+    reference = compose_plain(command, options) if options else default
+    for path, node in chosen:
+        if OmegaConf.select(reference, f"{path}.name", throw_on_missing=False) != node.get("name"):
+            OmegaConf.update(reference, path, node, merge=False, force_add=True)
+    return reference
 
 
 def _type_problems(cfg: DictConfig, reference: DictConfig) -> list[str]:

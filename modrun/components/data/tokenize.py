@@ -65,10 +65,16 @@ def vocab_size(tokenizer: str | None) -> int:
     return _vocab_of(str(Path(str(tokenizer)).expanduser().resolve()), str(tokenizer))
 
 
+# the files a tokenizer is read from (not a model folder's weights, which may share the folder)
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")
+
+
 def _key(raw: bytes, folder: Path, split_args: tuple) -> str:
     digest = hashlib.sha256(f"modrun-tokens-{FORMAT}-{split_args}".encode())
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    files = sorted({p for pattern in TOKENIZER_FILES for p in folder.glob(pattern) if p.is_file()})
+    for f in files:  # streamed: a vocabulary file can be large
+        with f.open("rb") as fh:
+            digest.update(f.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
     digest.update(hashlib.sha256(raw).digest())
     return digest.hexdigest()[:32]
 
@@ -99,7 +105,10 @@ def _read_cache(folder: Path, vocab: int) -> tuple[list[torch.Tensor], list[int]
             path = folder / f"{name}.{ext}"
             if meta["vocab"] != vocab or path.stat().st_size != int(count) * np.dtype(dtype).itemsize:
                 raise ValueError(f"{path} does not match meta.json")
-            out.append(torch.from_numpy(np.memmap(path, dtype=dtype, mode="c")) if count else torch.zeros(0))
+            ids = np.memmap(path, dtype=dtype, mode="c") if count else np.zeros(0, dtype=dtype)
+            if count and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:  # a tampered file: no bad index later
+                raise ValueError(f"{path} holds token ids outside the vocabulary")
+            out.append(torch.from_numpy(ids))
         return out, [int(b) for b in meta["bytes"]]
     except (RecordError, KeyError, TypeError, ValueError, OSError) as e:
         log.warning(f"token cache {folder} is damaged ({e}); tokenising again")

@@ -130,7 +130,9 @@ class VID(nn.Module):
                 shape = (1, c_out, 1, 1)
             else:
                 self.regressors.append(adapter(s_shape, t_shape))
-                shape = (1, int(torch.Size(t_shape).numel()))
+                tokens = len(s_shape) == 2 and len(t_shape) == 2 and s_shape[0] == t_shape[0]
+                # hidden states (T, C): one variance per channel, shared by the tokens (as per channel of a map)
+                shape = (1, 1, t_shape[1]) if tokens else (1, int(torch.Size(t_shape).numel()))
             # softplus(log_scale) + eps starts at init_pred_var
             self.log_scales.append(nn.Parameter(torch.full(shape, math.log(math.exp(init_pred_var - eps) - 1.0))))
 

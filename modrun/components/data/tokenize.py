@@ -141,12 +141,11 @@ def tokenized_splits(
     vocabulary size and each split's UTF-8 bytes per token."""
     import torch
 
-    tok = load_tokenizer(tokenizer)
-    vocab = len(tok)
+    vocab = vocab_size(tokenizer)  # cached: validation read it already; the tokenizer itself only on a miss
     folder = Path(cache_root or ".") / ".modrun_tokens" / _key(raw, Path(tokenizer).expanduser(), split_args)
     cached = _read_cache(folder, vocab)
     if cached is None:
-        ids, sizes = _tokenize(splits, tok)
+        ids, sizes = _tokenize(splits, load_tokenizer(tokenizer))
         if cache_root is not None and _write_cache(folder, ids, sizes, vocab, str(tokenizer)):
             cached = _read_cache(folder, vocab)
             log.info(f"tokenised {sum(map(len, ids)):,} tokens with {tokenizer}; cached in {folder}")

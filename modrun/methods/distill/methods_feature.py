@@ -18,44 +18,38 @@ def _spatial(shape: torch.Size) -> tuple[int, int] | None:
 class FitNet(nn.Module):
     """Regress teacher features from student features through a trainable 1x1 adapter (hints)."""
 
-    def __init__(self, ctx: KDContext) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleList(
-            adapter(s, t) for s, t in zip(ctx.student_shapes, ctx.teacher_shapes, strict=True)
-        )
-        self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
-
-    def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        loss = s.logits.new_zeros(())
-        for a, fs, ft, size in zip(self.adapters, s.feats, t.feats, self.sizes, strict=True):
-            out = a(fs)
-            out = match_spatial(out, size) if size else out
-            loss = loss + F.mse_loss(out, ft.reshape(out.shape))
-        return loss
-
-
-class CosineHidden(nn.Module):
-    """Align the direction of hidden states: 1 - cos(r(h_s), h_t) per token (per position of a map, per sample
-    of a vector), the cosine embedding loss of DistilBERT (Sanh et al. 2019); r is a trainable `adapter` only
-    where the widths differ (DistilBERT's student has the teacher's width)."""
+    bare_at_equal_shapes = False  # the paper's regressor is there even where the shapes already agree
 
     def __init__(self, ctx: KDContext) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(
-            nn.Identity() if s == t else adapter(s, t)
+            nn.Identity() if self.bare_at_equal_shapes and s == t else adapter(s, t)
             for s, t in zip(ctx.student_shapes, ctx.teacher_shapes, strict=True)
         )
         self.sizes = [_spatial(t) for t in ctx.teacher_shapes]
 
+    def distance(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, target)
+
     def forward(self, s: Outputs, t: Outputs, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         loss = s.logits.new_zeros(())
         for a, fs, ft, size in zip(self.adapters, s.feats, t.feats, self.sizes, strict=True):
             out = a(fs)
             out = match_spatial(out, size) if size else out
-            channels = 1 if out.dim() == 4 else -1  # maps: channels at each position; tokens: the last dim
-            cos = F.cosine_similarity(out, ft.reshape(out.shape), dim=channels, eps=1e-8)
-            loss = loss + (1 - cos).mean()
+            loss = loss + self.distance(out, ft.reshape(out.shape))
         return loss
+
+
+class CosineHidden(FitNet):
+    """Align the direction of hidden states: 1 - cos(r(h_s), h_t) per token (per position of a map, per sample
+    of a vector), the cosine embedding loss of DistilBERT (Sanh et al. 2019); r is a trainable `adapter` only
+    where the widths differ (DistilBERT's student has the teacher's width)."""
+
+    bare_at_equal_shapes = True
+
+    def distance(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        channels = 1 if out.dim() == 4 else -1  # maps: channels at each position; tokens: the last dim
+        return (1 - F.cosine_similarity(out, target, dim=channels, eps=1e-8)).mean()
 
 
 def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:

@@ -143,7 +143,7 @@ def resume(
     """Continue a run from its last checkpoint (identical result); for a sweep, its unfinished jobs."""
 
     def go() -> int:
-        from modrun.runner.sweep import resume
+        from modrun.runner.sweepresume import resume
 
         return resume(run_dir, _only_imports(imports))
 

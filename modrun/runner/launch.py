@@ -66,7 +66,7 @@ def launch(command: str, overrides: list[str], config_dir: Path | None = None) -
 
 
 def resume_run(run_dir: Path, imports: list[str] | None = None) -> int:
-    """Continue a run in its own folder from checkpoints/last.pt (a sweep folder: modrun.runner.sweep.resume)."""
+    """Continue a run in its own folder from checkpoints/last.pt (a sweep folder: modrun.runner.sweepresume.resume)."""
     from modrun.core import runlock
     from modrun.core.artifacts import load_run_config
     from modrun.runner.lifecycle import execute

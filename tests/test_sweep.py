@@ -218,3 +218,23 @@ def test_pareto_front():
 def test_sweep_help_lists_the_grammar():
     r = cli_subprocess("sweep", "--help")
     assert r.returncode == 0 and "multirun" in r.stdout
+
+
+def test_an_interruption_between_a_job_end_and_its_record_keeps_the_job_completed():
+    """A signal can land after a job's folder says completed but before sweep.json does: the job stays done."""
+    from modrun.core.runfolder import write_json
+    from modrun.runner.sweep import interrupted
+
+    assert cli("sweep", "train", *FAST, "seed=0,1").code == 0
+    sweep = only_sweep()
+    record = read_json(sweep / "sweep.json")
+    expected = record["jobs"][0]["objective"]
+    record["jobs"][0].update(state="running", objective=None)  # as if the signal came before record_end
+    record["jobs"][1].update(state="running", objective=None)
+    write_json(sweep / "001" / "status.json", {**read_json(sweep / "001" / "status.json"), "state": "running"})
+    write_json(sweep / "sweep.json", record)
+    assert interrupted(sweep, "val/top1") == 130
+    after = read_json(sweep / "sweep.json")
+    assert after["state"] == "interrupted"
+    assert after["jobs"][0]["state"] == "completed" and after["jobs"][0]["objective"] == expected
+    assert after["jobs"][1]["state"] == "running"  # its folder says it had not ended: resume reruns it

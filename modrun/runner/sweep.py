@@ -24,7 +24,7 @@ from modrun.core.stopping import sigterm_interrupts
 from modrun.core.summary import objective_value
 from modrun.runner.compose import hydra_free_copy, job_dir_name
 from modrun.runner.objective import check_objective
-from modrun.runner.sweepdir import job_state, now, update_job, update_sweep, write_sweep
+from modrun.runner.sweepdir import job_folder, job_state, now, update_job, update_sweep, write_sweep
 
 # Hydra plugins behind the launcher/sweeper choices users type, and the modrun extra that installs each
 PLUGINS = {
@@ -97,10 +97,23 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
             with sigterm_interrupts():  # SIGTERM between jobs too: the sweep is interrupted, as by Ctrl-C
                 composer.multirun(lines, sweep_dir.absolute(), task)
         except KeyboardInterrupt:
-            update_sweep(sweep_dir, state="interrupted")
-            say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
-            return 130
+            return interrupted(sweep_dir, objective)
     return finish(sweep_dir)
+
+
+def interrupted(sweep_dir: Path, objective: str) -> int:
+    """Mark the sweep interrupted (exit 130). A signal can land between a job's end and its line in sweep.json:
+    a job still `running` there takes the state (and objective) its own folder records."""
+    for job in read_json(sweep_dir / "sweep.json")["jobs"]:
+        state = readable_job_state(sweep_dir, job) if job.get("state") == "running" else None
+        if state is not None and state != "running":
+            folder = job_folder(sweep_dir, job)
+            summary = folder / "summary.json" if folder else None
+            value = objective_value(read_json(summary), objective) if summary and summary.is_file() else None
+            update_job(sweep_dir, job["num"], state=state, objective=value)
+    update_sweep(sweep_dir, state="interrupted")
+    say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
+    return 130
 
 
 def _no_intervals(composer: Any, lines: list[str]) -> None:

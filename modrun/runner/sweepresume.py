@@ -19,7 +19,7 @@ from modrun.core.registry import RECIPES
 from modrun.core.runfolder import read_json
 from modrun.core.stopping import sigterm_interrupts
 from modrun.runner.compose import hydra_free_copy
-from modrun.runner.sweep import SweepJob, finish, readable_job_state, run_job, say
+from modrun.runner.sweep import SweepJob, finish, interrupted, readable_job_state, run_job, say
 from modrun.runner.sweepdir import now, update_job, update_sweep
 
 
@@ -62,9 +62,7 @@ def resume_sweep(sweep_dir: Path, imports: list[str] | None = None) -> int:
                 if code == 130:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        update_sweep(sweep_dir, state="interrupted")
-        say(f"sweep interrupted: continue it with `modrun resume {sweep_dir}`")
-        return 130
+        return interrupted(sweep_dir, task.objective)
     return finish(sweep_dir)
 
 

@@ -41,10 +41,10 @@ def top1(run: Path) -> float:
     return read(run)["final"]["test/top1"]
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], digits: int = 2) -> str:
     """`mean ± std` of the values (std 0 for a single one)."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {spread:.2f}"
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
 def row(name: str, values: list[float]) -> str:

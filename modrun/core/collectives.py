@@ -1,4 +1,4 @@
-"""Collectives of a data-parallel run, used inside the loop: ranks, sharded sample order, gradient averaging,
+"""Collectives of a data-parallel run, used inside the loop: ranks, sharded sample order,
 buffer broadcast, metric sums (one process: each is a no-op). The launcher lives in modrun.runner.parallel."""
 
 from __future__ import annotations
@@ -47,19 +47,6 @@ def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     sampler = DistributedSampler(range(n), world_size(), rank(), shuffle=shuffle, seed=seed * 1_000_003)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long)
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """All-reduce the gradients in one flat buffer and divide by the world size (DDP's averaging)."""
-    for p in params:
-        if p.grad is None:  # every rank must send the same layout
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world_size()
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
 
 
 def broadcast_state(modules: Iterable[nn.Module], buffers_only: bool = True) -> None:

@@ -23,10 +23,11 @@ NOT_SEMANTIC = {"name", "runs_dir", "logger", "sweep", "device", "imports"}
 NOT_SEMANTIC_IN = {
     "trainer": {
         "progress", "log_every_steps", "checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "compile",
-        "channels_last",
+        "channels_last", "find_unused_parameters",
     },
     "data": {"num_workers", "in_memory_mb", "eval_batch_size"},
 }  # fmt: skip
+AS_IF_ABSENT = [("trainer", "accumulate_grad_batches", 1)]
 
 
 def semantic_key(command: str, cfg: DictConfig | dict[str, Any]) -> str:
@@ -36,6 +37,9 @@ def semantic_key(command: str, cfg: DictConfig | dict[str, Any]) -> str:
     for node, keys in NOT_SEMANTIC_IN.items():
         if isinstance(tree.get(node), dict):
             tree[node] = {k: v for k, v in tree[node].items() if k not in keys}
+    for node, key, default in AS_IF_ABSENT:  # a run recorded before the key existed trained the same way
+        if isinstance(tree.get(node), dict) and tree[node].get(key) == default:
+            del tree[node][key]
     blob = json.dumps({"command": command, "config": tree}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

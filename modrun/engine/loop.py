@@ -29,12 +29,15 @@ from modrun.core.runfolder import MetricsWriter
 from modrun.core.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
 from modrun.engine.progress import Progress
 from modrun.engine.speed import Speed
+from modrun.engine.strategy import Strategy, group_sizes
 
 log = logging.getLogger("modrun")
 
 
 class Objective:
     """What the loop optimises. `model` is evaluated and saved; `modules` are checkpointed and trained."""
+
+    varying_graph = False  # True: which trained parameters a step uses changes from step to step (DDP is told)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -113,8 +116,12 @@ def fit(
     its metrics records, so each phase resumes on its own."""
     t, seed, task = cfg.trainer, int(cfg.seed), data.task
     bs, world, main = int(cfg.data.batch_size), ddp.world_size(), ddp.is_main()
-    # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs
-    steps_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
+    # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs;
+    # an optimiser step takes `accumulate` batches (the epoch's last step what is left)
+    strategy = Strategy(t, objective)
+    batches_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
+    steps_per_epoch = -(-batches_per_epoch // strategy.accumulate)
+    ends_step = group_sizes(batches_per_epoch, strategy.accumulate)
     total_steps = int(t.epochs) * steps_per_epoch
     speed = Speed(t, device)  # precision, compile, channels_last (modrun/speed.py)
     speed.prepare(objective.model, objective.modules().values())
@@ -130,8 +137,6 @@ def fit(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     state = State()
-    if world > 1:  # the same starting weights everywhere, whatever each process built
-        ddp.broadcast_state(objective.modules().values(), buffers_only=False)
     ckpt = checkpoint.load_last(ckpt_dir, device, run_dir) if resume else None  # else last.prev.pt, said in the log
     if ckpt is not None:
         for name, module in objective.modules().items():
@@ -144,6 +149,7 @@ def fit(
         state = State(**{**ckpt["state"], "sums": own["sums"]})
         checkpoint.set_rng_state(own["rng"])
         log.info(f"resumed from step {state.step} (epoch {state.epoch})")
+    strategy.start()  # data-parallel: DDP gives every process rank 0's weights (loaded or built)
     resume_step = state.step if resume else None
     metrics = (  # the logger gets every record; closed with the `with` below
         MetricsWriter(
@@ -173,7 +179,7 @@ def fit(
                 "state": {**vars(state), "sums": mine["sums"]},
                 "rng": mine["rng"],
                 **({"ranks": ranks} if world > 1 else {}),
-                "data_order": {"seed": seed, "epoch": state.epoch, "batch": state.step - state.epoch * steps_per_epoch},
+                "data_order": {"seed": seed, "epoch": state.epoch, "batch": batch_in_epoch()},
             },
         )
         ddp.barrier()  # the other processes read checkpoints (best.pt at the end) only once they are written
@@ -181,11 +187,18 @@ def fit(
     # running sums of this epoch's train metrics stay on the device: no host sync per step
     running = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.sums.items()}
 
-    def forward_backward(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
-        with speed.autocast():  # trainer.precision: forward and loss in bf16/fp16, weights stay fp32
-            loss, logits, terms = objective.loss(x, y, idx)
-        optimizer.zero_grad(set_to_none=True)
-        speed.scaler.scale(loss).backward()  # 16-mixed: scaled up so that small fp16 gradients do not vanish
+    def batch_in_epoch() -> int:  # checkpoints are taken at optimiser steps: whole steps of batches are done
+        return (state.step - state.epoch * steps_per_epoch) * strategy.accumulate
+
+    def forward_backward(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, b: int) -> tuple:
+        last, size = ends_step(b)
+        if b % strategy.accumulate == 0:  # the step's first batch (a compiled first step redone eagerly: again)
+            optimizer.zero_grad(set_to_none=True)
+        with strategy.sync(last):  # DDP all-reduces the gradients on the step's last batch only
+            with speed.autocast():  # trainer.precision: forward and loss in bf16/fp16, weights stay fp32
+                loss, logits, terms = strategy.loss(x, y, idx)
+            # 16-mixed: scaled up so that small fp16 gradients do not vanish; / size: the step's mean gradient
+            speed.scaler.scale(loss / size if size > 1 else loss).backward()
         return loss, logits, terms
 
     val: dict[str, float] = dict(state.val)  # a run killed after its last epoch's checkpoint ends with them too
@@ -195,36 +208,38 @@ def fit(
         while state.epoch < int(t.epochs):
             objective.model.train()
             objective.start_epoch(state.epoch)
-            start = state.step - state.epoch * steps_per_epoch
-            for x, y, idx in batches(
-                data.train,
-                bs,
-                seed=seed,
-                epoch=state.epoch,
-                shuffle=True,
-                drop_last=t.drop_last,
-                start=start,
-                device=device,
-                shard="train" if world > 1 else None,
-                **loader,
+            start = batch_in_epoch()
+            for b, (x, y, idx) in enumerate(
+                batches(
+                    data.train,
+                    bs,
+                    seed=seed,
+                    epoch=state.epoch,
+                    shuffle=True,
+                    drop_last=t.drop_last,
+                    start=start,
+                    device=device,
+                    shard="train" if world > 1 else None,
+                    **loader,
+                ),
+                start,
             ):
-                # augmentation is seeded by the step, so a resumed run draws the same crops and flips
-                x = speed.inputs(prep(x, augment_seed=seed * 7919 + state.step))
+                # augmentation is seeded by the batch, so a resumed run draws the same crops and flips
+                x = speed.inputs(prep(x, augment_seed=seed * 7919 + state.epoch * batches_per_epoch + b))
                 # a compiled model compiles on its first step; if that fails, the step is redone eagerly
-                loss, logits, terms = speed.step(forward_backward, x, y, idx)
-                if world > 1:
-                    ddp.average_gradients(params)
+                loss, logits, terms = speed.step(forward_backward, x, y, idx, b)
+                _accumulate(running, task, loss, logits, y, terms)
+                if not ends_step(b)[0]:
+                    continue
+                strategy.check_gradients()
                 if t.grad_clip:
                     speed.scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                     nn.utils.clip_grad_norm_(params, float(t.grad_clip))
                 speed.scaler.step(optimizer)  # 16-mixed: skipped when the gradients overflowed
                 speed.scaler.update()
-                if world > 1:
-                    ddp.broadcast_state(objective.modules().values())  # rank 0's BatchNorm statistics
                 scheduler.step()
                 state.step += 1
                 objective.after_step(state.step)
-                _accumulate(running, task, loss, logits, y, terms)
                 bar.update(state.step, f"epoch {state.epoch + 1}/{t.epochs}")
                 # a NaN/inf loss poisons the running sum; checking it only here and before each save avoids a
                 # host sync per step, and no checkpoint is ever written after the loss went bad
@@ -255,6 +270,7 @@ def fit(
             check_finite(totals, state.step, state.epoch)
             train = {k: (v / totals["n"]).item() for k, v in totals.items() if k != "n"}
             running, state.epoch = {}, state.epoch + 1
+            strategy.before_eval()
             with speed.eager():
                 val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
             state.val = val

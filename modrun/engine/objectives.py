@@ -12,6 +12,7 @@ class StepSeeded(Objective):
     the step travels in the checkpoint, so a resumed run draws the same ones."""
 
     step = 0
+    varying_graph = True  # a width or a stitch drawn per step leaves the other ones' parameters without gradient
 
     def after_step(self, step: int) -> None:
         self.step = step

@@ -53,6 +53,8 @@ TEACHER_RUNNER_KEYS = {"name", "run", "checkpoint", "seed", "epochs", "overrides
 TEACHER = Component("teacher", MODELS, runner_keys=TEACHER_RUNNER_KEYS)
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 OPTIONAL_NODES = {"sweep", "logger", "nested"}  # read with .get(): a run goes on without them
+# keys added after run folders were written without them; read with .get() and their default
+LATER_KEYS = {"trainer.accumulate_grad_batches", "trainer.find_unused_parameters"}
 INT64_MAX = 2**63 - 1
 MAX_NAME = 200  # bytes: with the timestamp and a sweep's command prefix, a folder name stays under 255
 
@@ -97,7 +99,7 @@ def check_deletions(cfg: DictConfig, reference: DictConfig) -> list[str]:
     have, found, errors = set(dotted_keys(cfg)), dict(components(reference)), []
     for key in dotted_keys(reference):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        if key in have or (parent and parent not in have) or key.split(".")[0] in OPTIONAL_NODES:
+        if key in have or (parent and parent not in have) or key.split(".")[0] in OPTIONAL_NODES or key in LATER_KEYS:
             continue  # present, or inside a node whose deletion is reported already
         if parent == "kd.terms" or _under_free_node(key, reference) or _is_argument(cfg, parent, key, found):
             continue
@@ -244,6 +246,7 @@ def _check_values(cfg: DictConfig) -> list[str]:
         ("data.num_classes", 1),
         ("data.image_size", 1),
         ("trainer.log_every_steps", 1),
+        ("trainer.accumulate_grad_batches", 1),
         ("trainer.checkpoint_every_steps", 0),
         ("sched.warmup_epochs", 0),
     ]

@@ -2,9 +2,9 @@
 
 The `modrun` process keeps the run's lifecycle (status.json, log.txt) and starts the workers with torch's
 elastic launcher, the machinery behind `torchrun`. Every worker runs the same pipeline on its own shard of
-each epoch's sample order (DistributedSampler), gradients are all-reduced after each backward pass and
-buffers (BatchNorm statistics) broadcast from rank 0, as DistributedDataParallel does, so every process
-holds the same weights. Rank 0 alone writes to the run folder; checkpoints carry every rank's RNG state, so
+each epoch's sample order (DistributedSampler); torch's DistributedDataParallel averages the gradients and
+gives every process rank 0's buffers (BatchNorm statistics), so every process holds the same weights
+(modrun/engine/strategy.py). Rank 0 alone writes to the run folder; checkpoints carry every rank's RNG state, so
 a killed run resumes exactly, with the same number of processes.
 """
 

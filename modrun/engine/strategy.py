@@ -1,0 +1,102 @@
+"""How the loop runs an objective's forward and backward across processes, and with gradient accumulation.
+
+One process: the objective's loss is called as it is. Several (`trainer.devices` x `trainer.nodes` > 1):
+torch's `DistributedDataParallel` wraps the trained modules, so gradients are averaged by its bucketed
+all-reduce, overlapped with the backward pass, and buffers (BatchNorm statistics) come from rank 0 at every
+forward. `trainer.accumulate_grad_batches=K` sums the gradients of K batches before each optimiser step;
+the K-1 batches before the last skip DDP's all-reduce (`no_sync`), as every DDP user does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from modrun.core import collectives as ddp
+from modrun.core.errors import UserError
+
+
+class _Trained(nn.Module):
+    """The objective's trained modules as one module whose forward is the objective's loss (what DDP wraps)."""
+
+    def __init__(self, objective: Any) -> None:
+        super().__init__()
+        self.objective = [objective]  # a list: not a submodule (the objective is no nn.Module)
+        self.parts = nn.ModuleDict(objective.modules())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return self.objective[0].loss(x, y, idx)
+
+
+class Strategy:
+    """The per-batch forward and backward of a run; `accumulate` batches per optimiser step."""
+
+    def __init__(self, trainer: DictConfig, objective: Any) -> None:
+        self.accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+        self.find_unused = bool(trainer.get("find_unused_parameters", False)) or objective.varying_graph
+        self.objective, self.wrapped, self.checked = objective, None, False
+
+    def start(self) -> None:
+        """Wrap the trained modules for data-parallel training (after a resumed run loaded its weights: DDP
+        broadcasts rank 0's parameters and buffers when it is built, so every process starts the same)."""
+        if ddp.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = _Trained(self.objective)
+            device = next(trained.parameters()).device
+            self.wrapped = DistributedDataParallel(
+                trained,
+                device_ids=[device] if device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused,
+            )
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return self.wrapped(x, y, idx) if self.wrapped is not None else self.objective.loss(x, y, idx)
+
+    @contextlib.contextmanager
+    def sync(self, last_of_step: bool) -> Iterator[None]:
+        """Around a batch's forward and backward: the gradient all-reduce happens on the step's last batch only."""
+        if self.wrapped is None or last_of_step:
+            yield
+        else:
+            with self.wrapped.no_sync():
+                yield
+
+    def check_gradients(self) -> None:
+        """After the first synchronised backward: a trained parameter that got no gradient would stall DDP's
+        reducer at the next step; name it and the switch that handles it."""
+        if self.checked or self.wrapped is None:
+            return
+        self.checked = True
+        if self.find_unused:
+            return
+        missing = [n for n, p in self.wrapped.module.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            names = ", ".join(n.removeprefix("parts.") for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise UserError(
+                f"{len(missing)} trained parameter(s) got no gradient ({names}): a data-parallel run needs "
+                "trainer.find_unused_parameters=true for this model (or freeze them)"
+            )
+
+    def before_eval(self) -> None:
+        """Rank 0's buffers in every process: each evaluates its share of the split with the same model."""
+        if self.wrapped is not None:
+            ddp.broadcast_state(self.objective.modules().values())
+
+
+def group_sizes(batches: int, accumulate: int) -> Callable[[int], tuple[bool, int]]:
+    """For batch b of an epoch of `batches`: whether it ends an optimiser step, and how many batches that step
+    has (the last step of an epoch takes what is left). Each batch's loss is divided by that size, so a step's
+    gradient is the mean over its batches, as one large batch would give."""
+
+    def at(b: int) -> tuple[bool, int]:
+        first = b - b % accumulate
+        size = min(accumulate, batches - first)
+        return b + 1 == first + size, size
+
+    return at

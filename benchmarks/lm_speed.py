@@ -1,6 +1,6 @@
 """modrun's loop training a GPT against a plain nanoGPT-style loop: same model, same windows, same process.
 
-    python benchmarks/lm_speed.py [--n-layer 4] [--n-embd 128] [--block-size 128] [--windows 512] [--device cpu]
+    python benchmarks/lm_speed.py [--n-layer 4] [--n-embd 128] [--block-size 128] [--windows 512] [--precision bf16]
 
 Prints one JSON object: tokens/s of each and their ratio (target: modrun >= 0.97 x plain). Both draw the
 same random windows of python_docs (modrun's own window sampler), AdamW with a cosine schedule and gradient
@@ -41,6 +41,7 @@ def make_cfg(args: argparse.Namespace) -> OmegaConf:
                 "checkpoint_every_steps": 50,
                 "deterministic": False,
                 "progress": False,
+                "precision": getattr(args, "precision", "32"),
             },
         }
     )
@@ -55,8 +56,9 @@ def plain_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: t
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
         for x, y, _ in batches(data.train, args.batch_size, seed=0, epoch=epoch, shuffle=True):
-            logits = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            with autocast(args, device):
+                logits = model(x)
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -65,6 +67,11 @@ def plain_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: t
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
+    """bf16 autocast of forward and loss, as trainer.precision=bf16 does (a no-op at fp32)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=getattr(args, "precision", "32") == "bf16")
 
 
 def modrun_loop(model: torch.nn.Module, data, args: argparse.Namespace, device: torch.device) -> float:
@@ -85,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "lm_speed",
         "model": f"gpt n_layer={args.n_layer} n_embd={args.n_embd} block_size={args.block_size}",
+        "precision": args.precision,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "tokens": tokens,

@@ -5,7 +5,8 @@
 Prints one JSON object: tokens/s of each and their ratio (target: modrun >= 0.97 x plain). Both draw the
 same random windows of python_docs (modrun's own window sampler), AdamW with a cosine schedule and gradient
 clipping; the modrun figure includes its per-epoch validation (a small val split), metrics and checkpoints.
-Runs alternate and the best of `--repeats` is kept for each (the fair figure on a noisy shared machine).
+Runs alternate (which goes first too) and the best of `--repeats` is kept for each (the fair figure on a
+noisy shared machine).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def run(args: argparse.Namespace) -> dict:
     data = data.to(device)
     tokens = args.epochs * args.windows * args.block_size
     times: dict[str, list[float]] = {"plain": [], "modrun": []}
-    for _ in range(args.repeats):
-        for name, loop in (("plain", plain_loop), ("modrun", modrun_loop)):
+    loops = [("plain", plain_loop), ("modrun", modrun_loop)]
+    for r in range(args.repeats):
+        for name, loop in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first (the machine warms)
             torch.manual_seed(0)
             model = GPT(256, args.block_size, args.n_layer, max(1, args.n_embd // 32), args.n_embd).to(device)
             times[name].append(loop(model, data, args, device))

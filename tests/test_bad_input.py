@@ -101,6 +101,8 @@ HAND_CASES = [
     ("train seed=null", "seed=null: expects an integer, got null"),
     ("prune prune.include=conv", "expects a list"),
     ("distill teacher.run=5", "teacher.run=5: expects the path of a run folder"),
+    ("distill teacher.epochs=run", "teacher.epochs=run: expects a whole number >= 0 (or null)"),
+    ("train trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be >= 1"),
     ("train +imports=notalist", "expects a list of module names"),
     # syntax and prefixes on the wrong keys
     ("train optim.lr=[0.1", "bad override syntax"),

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from modrun.core import collectives as ddp
 from modrun.core.errors import UserError
@@ -45,8 +46,6 @@ class Strategy:
         """Wrap the trained modules for data-parallel training (after a resumed run loaded its weights: DDP
         broadcasts rank 0's parameters and buffers when it is built, so every process starts the same)."""
         if ddp.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             trained = _Trained(self.objective)
             device = next(trained.parameters()).device
             self.wrapped = DistributedDataParallel(

@@ -60,7 +60,7 @@ def needs(cfg: DictConfig) -> list[Need]:
         "model": OmegaConf.to_container(s.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
-    return [Need("source", "source.run", "train", own_training(s), nodes)]
+    return [Need("source", "source.run", "train", own_training(s, "source"), nodes)]
 
 
 def measure(model: nn.Module, data: Data, device: torch.device, batch_size: int) -> dict[str, Any]:

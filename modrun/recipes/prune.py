@@ -80,7 +80,7 @@ def needs(cfg: DictConfig) -> list[Need]:
     if s.run or s.checkpoint:
         return []
     nodes = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data")}
-    return [Need("source", "source.run", "train", own_training(s), nodes)]
+    return [Need("source", "source.run", "train", own_training(s, "source"), nodes)]
 
 
 def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:

@@ -88,7 +88,7 @@ def needs(cfg: DictConfig) -> list[Need]:
     each with its own seed (0), epochs and overrides; run folders are used as they are."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return [
-        Need("anchor", f"anchors.{i}", "train", [f"model={anchor_model(a)['name']}", *own_training(a)],
+        Need("anchor", f"anchors.{i}", "train", [f"model={anchor_model(a)['name']}", *own_training(a, f"anchors.{i}")],
              {"data": data}, {"model": anchor_model(a)})
         for i, a in enumerate(cfg.anchors)
         if isinstance(a, DictConfig)

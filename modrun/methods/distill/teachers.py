@@ -24,15 +24,22 @@ def teacher_model_node(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in TEACHER_KEYS}
 
 
-def own_training(node: DictConfig) -> list[str]:
+def own_training(node: DictConfig, owner: str = "teacher") -> list[str]:
     """The train overrides of a run trained first (teacher, source): its seed, epochs and own overrides; the rest
     comes from `modrun train`'s defaults, never from the run that needs it."""
-    epochs = node.get("epochs")
+    seed, epochs = (_whole(node, key, owner) for key in ("seed", "epochs"))
     return [
-        f"seed={int(node.get('seed', 0))}",
-        *([f"trainer.epochs={int(epochs)}"] if epochs is not None else []),
+        f"seed={seed or 0}",
+        *([f"trainer.epochs={epochs}"] if epochs is not None else []),
         *[str(o) for o in node.get("overrides") or []],
     ]
+
+
+def _whole(node: DictConfig, key: str, owner: str) -> int | None:
+    value = node.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise UserError(f"{owner}.{key}={value}: expects a whole number >= 0 (or null)")
+    return value
 
 
 def load_teachers(

@@ -143,3 +143,14 @@ def test_sensitivity_writes_table_plot_and_suggestion():
     summary = read_json(run / "summary.json")
     assert summary["suggested_overall_sparsity"] >= 0.6
     assert set(summary["suggested_sparsity"]) == {"features.0.0", "features.1.0", "features.3.0", "fc"}
+
+
+def test_gradual_schedule_counts_optimiser_steps_with_accumulation():
+    """With 4 batches per step the run takes a quarter of the steps: the schedule must end on the run's steps."""
+    r = cli(
+        "prune", *QUICK, "prune=gradual_magnitude", "prune.sparsity=0.8", "prune.every=1", "prune.end=0.9",
+        "trainer.epochs=1", "trainer.accumulate_grad_batches=4",
+    )  # fmt: skip
+    assert r.code == 0, r.text
+    ckpt = torch.load(_runs("prune")[0] / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["extra"]["pruner"]["current"] == pytest.approx(0.8)

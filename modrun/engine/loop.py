@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from modrun.components.data.base import Data, Preprocess, Split, batches, num_batches
+from modrun.components.data.base import Data, Preprocess, Split, batches
 from modrun.components.data.tasks import Task, split_task
 from modrun.components.loggers import build_logger
 from modrun.core import checkpoint
@@ -29,7 +29,7 @@ from modrun.core.runfolder import MetricsWriter
 from modrun.core.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
 from modrun.engine.progress import Progress
 from modrun.engine.speed import Speed
-from modrun.engine.strategy import Strategy, group_sizes
+from modrun.engine.strategy import Strategy, epoch_length, group_sizes
 
 log = logging.getLogger("modrun")
 
@@ -119,8 +119,7 @@ def fit(
     # data-parallel: each of `world` processes takes an equal share of every epoch, in batches of bs;
     # an optimiser step takes `accumulate` batches (the epoch's last step what is left)
     strategy = Strategy(t, objective)
-    batches_per_epoch = num_batches(-(-len(data.train) // world), bs, drop_last=t.drop_last)
-    steps_per_epoch = -(-batches_per_epoch // strategy.accumulate)
+    batches_per_epoch, steps_per_epoch = epoch_length(t, len(data.train), bs)
     ends_step = group_sizes(batches_per_epoch, strategy.accumulate)
     total_steps = int(t.epochs) * steps_per_epoch
     speed = Speed(t, device)  # precision, compile, channels_last (modrun/speed.py)
@@ -160,6 +159,7 @@ def fit(
     )
 
     def save(name: str) -> None:
+        strategy.sync_buffers()
         # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
         for module in objective.modules().values():
             if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
@@ -270,7 +270,7 @@ def fit(
             check_finite(totals, state.step, state.epoch)
             train = {k: (v / totals["n"]).item() for k, v in totals.items() if k != "n"}
             running, state.epoch = {}, state.epoch + 1
-            strategy.before_eval()
+            strategy.sync_buffers()
             with speed.eager():
                 val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
             state.val = val

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from modrun.components.data.base import num_batches
 from modrun.core import collectives as ddp
 from modrun.core.errors import UserError
 
@@ -82,10 +83,18 @@ class Strategy:
                 "trainer.find_unused_parameters=true for this model (or freeze them)"
             )
 
-    def before_eval(self) -> None:
-        """Rank 0's buffers in every process: each evaluates its share of the split with the same model."""
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers in every process (before an evaluation, where each process evaluates its share of the
+        split, and before a save, whose finiteness check must then agree on every process)."""
         if self.wrapped is not None:
             ddp.broadcast_state(self.objective.modules().values())
+
+
+def epoch_length(trainer: DictConfig, train_size: int, batch_size: int) -> tuple[int, int]:
+    """Batches and optimiser steps in one epoch of this process: its share of the train split, in batches of
+    `batch_size`, `accumulate_grad_batches` of them per step (what schedules such as gradual pruning count)."""
+    batches = num_batches(-(-train_size // ddp.world_size()), batch_size, drop_last=bool(trainer.drop_last))
+    return batches, -(-batches // int(trainer.get("accumulate_grad_batches", 1) or 1))
 
 
 def group_sizes(batches: int, accumulate: int) -> Callable[[int], tuple[bool, int]]:

@@ -21,6 +21,7 @@ from modrun.core.errors import UserError
 from modrun.core.registry import PRUNERS
 from modrun.core.runfolder import atomic_write, write_json
 from modrun.engine.loop import Objective, evaluate, fit
+from modrun.engine.strategy import epoch_length
 from modrun.methods.distill.objective import DistillObjective
 from modrun.methods.distill.teachers import own_training
 from modrun.methods.prune import RUNNER_KEYS
@@ -107,7 +108,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
         result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
         return {**result, "final": {"val/top1": result["base_val_top1"]}, "dense": dense_cost}
-    steps = int(cfg.trainer.epochs) * -(-len(data.train) // int(cfg.data.batch_size))
+    # the optimiser steps the loop will take (per process, K batches each): gradual schedules count those
+    steps = int(cfg.trainer.epochs) * epoch_length(cfg.trainer, len(data.train), int(cfg.data.batch_size))[1]
     pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
     if pruner.structured:
         shapes = changed_shapes(layer_shapes(dense), layer_shapes(model))

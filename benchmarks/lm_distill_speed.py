@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lm_speed import autocast, make_cfg
+from lm_speed import alternate, autocast, lm_data, make_cfg
 from omegaconf import OmegaConf
 
 from modrun.components.data.base import batches
-from modrun.components.data.text import python_docs
 from modrun.components.models.gpt import GPT
 from modrun.engine.loop import fit
 from modrun.methods.distill.methods_logit import soft_kl
@@ -87,15 +86,10 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    data = python_docs(block_size=args.block_size, windows_per_epoch=args.windows)
-    data.val.windows = data.test.windows = 8  # a token evaluation: the figure measures the loop, not eval
-    data = data.to(device)
+    data = lm_data(args, device)
     tokens = args.epochs * args.windows * args.block_size
-    times: dict[str, list[float]] = {"plain": [], "modrun": []}
-    loops = [("plain", plain_loop), ("modrun", modrun_loop)]
-    for r in range(args.repeats):
-        for name, loop in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first (the machine warms)
-            times[name].append(loop(args, data, device))
+    loops = {"plain": lambda: plain_loop(args, data, device), "modrun": lambda: modrun_loop(args, data, device)}
+    times = alternate(loops, args.repeats)
     plain, ours = tokens / min(times["plain"]), tokens / min(times["modrun"])
     return {
         "benchmark": "lm_distill_speed",

@@ -98,19 +98,39 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def lm_data(args: argparse.Namespace, device: torch.device):
+    """python_docs windows on the device, with a token evaluation: the figures measure the loop, not eval."""
+    data = python_docs(block_size=args.block_size, windows_per_epoch=args.windows)
+    data.val.windows = data.test.windows = 8
+    return data.to(device)
+
+
+def alternate(loops: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each loop per repeat; who goes first alternates (the machine warms up)."""
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    order = list(loops)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name].append(loops[name]())
+    return times
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    data = python_docs(block_size=args.block_size, windows_per_epoch=args.windows)
-    data.val.windows = data.test.windows = 8  # a token evaluation: the figure measures the loop, not eval
-    data = data.to(device)
+    data = lm_data(args, device)
     tokens = args.epochs * args.windows * args.block_size
-    times: dict[str, list[float]] = {"plain": [], "modrun": []}
-    loops = [("plain", plain_loop), ("modrun", modrun_loop)]
-    for r in range(args.repeats):
-        for name, loop in loops if r % 2 == 0 else loops[::-1]:  # alternate who goes first (the machine warms)
-            torch.manual_seed(0)
-            model = GPT(256, args.block_size, args.n_layer, max(1, args.n_embd // 32), args.n_embd).to(device)
-            times[name].append(loop(model, data, args, device))
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return GPT(256, args.block_size, args.n_layer, max(1, args.n_embd // 32), args.n_embd).to(device)
+
+    times = alternate(
+        {
+            "plain": lambda: plain_loop(model(), data, args, device),
+            "modrun": lambda: modrun_loop(model(), data, args, device),
+        },
+        args.repeats,
+    )
     plain, ours = tokens / min(times["plain"]), tokens / min(times["modrun"])
     return {
         "benchmark": "lm_speed",

@@ -23,7 +23,7 @@ NOT_SEMANTIC = {"name", "runs_dir", "logger", "sweep", "device", "imports"}
 NOT_SEMANTIC_IN = {
     "trainer": {
         "progress", "log_every_steps", "checkpoint_every_steps", "devices", "nodes", "rdzv_endpoint", "compile",
-        "channels_last", "find_unused_parameters",
+        "channels_last", "find_unused_parameters", "strategy",
     },
     "data": {"num_workers", "in_memory_mb", "eval_batch_size"},
 }  # fmt: skip

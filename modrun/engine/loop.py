@@ -81,23 +81,30 @@ class State:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, prep: Preprocess, batch_size: int, device: torch.device, **loader: int
+    model: nn.Module,
+    split: Split,
+    prep: Preprocess,
+    batch_size: int,
+    device: torch.device,
+    every_rank: bool = False,
+    **loader: int,
 ) -> dict:
-    """Loss and top-1/top-5 accuracy (%) over one split. Draws no random numbers.
+    """The task's metrics over one split (loss, top-1/top-5 or perplexity and bits per byte). Draws no random
+    numbers. `loader` (num_workers, prefetch_factor) applies to file-backed splits.
 
-    `loader` (num_workers, prefetch_factor) applies to file-backed splits.
-
-    In a data-parallel run each process evaluates its share and the sums are added up over processes."""
+    In a data-parallel run each process evaluates its share and the sums are added up over processes, or, with
+    `every_rank` (a sharded model, whose forward all processes must run together), each evaluates it all."""
     was_training = model.training
     model.eval()
     task = split_task(split)
     sums = {k: 0.0 for k in task.keys}
-    shard = "eval" if ddp.world_size() > 1 else None
+    shard = "eval" if ddp.world_size() > 1 and not every_rank else None
     for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
         for k, v in task.sums(model(prep(x)), y).items():
             sums[k] += v.item()
     model.train(was_training)
-    total = ddp.reduce_sums({k: torch.tensor(float(v)) for k, v in sums.items()})
+    total = {k: torch.tensor(float(v)) for k, v in sums.items()}
+    total = total if shard is None else ddp.reduce_sums(total)
     return task.metrics({k: float(v) for k, v in total.items()})
 
 
@@ -124,6 +131,12 @@ def fit(
     total_steps = int(t.epochs) * steps_per_epoch
     speed = Speed(t, device)  # precision, compile, channels_last (modrun/speed.py)
     speed.prepare(objective.model, objective.modules().values())
+    ckpt_dir = run_dir / "checkpoints" / phase if phase else run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.load_last(ckpt_dir, device, run_dir) if resume else None  # else last.prev.pt, said in the log
+    for name, module in objective.modules().items() if ckpt is not None else ():
+        module.load_state_dict(ckpt["modules"][name])
+    strategy.start()  # data-parallel: DDP gives every process rank 0's weights (loaded or built), FSDP shards them
     params = [p for m in objective.modules().values() for p in m.parameters() if p.requires_grad]
     optim_args = {k: v for k, v in cfg.optim.items() if k != "name"}
     optimizer = OPTIMIZERS.get(cfg.optim.name)(params, **optim_args)
@@ -132,15 +145,10 @@ def fit(
     aug = cfg.data.get("augment") or {}
     loader = {"num_workers": int(cfg.data.num_workers), "prefetch_factor": int(cfg.data.get("prefetch_factor", 2))}
     prep = Preprocess(data, device, int(aug.get("crop_padding", 0)), bool(aug.get("hflip", False)))
-    ckpt_dir = run_dir / "checkpoints" / phase if phase else run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     state = State()
-    ckpt = checkpoint.load_last(ckpt_dir, device, run_dir) if resume else None  # else last.prev.pt, said in the log
     if ckpt is not None:
-        for name, module in objective.modules().items():
-            module.load_state_dict(ckpt["modules"][name])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        strategy.load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         speed.load_state_dict(ckpt.get("scaler", {}))
         objective.load_extra_state(ckpt.get("extra", {}))
@@ -148,7 +156,6 @@ def fit(
         state = State(**{**ckpt["state"], "sums": own["sums"]})
         checkpoint.set_rng_state(own["rng"])
         log.info(f"resumed from step {state.step} (epoch {state.epoch})")
-    strategy.start()  # data-parallel: DDP gives every process rank 0's weights (loaded or built)
     resume_step = state.step if resume else None
     metrics = (  # the logger gets every record; closed with the `with` below
         MetricsWriter(
@@ -161,9 +168,9 @@ def fit(
     def save(name: str) -> None:
         strategy.sync_buffers()
         # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
-        for module in objective.modules().values():
-            if not all(torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()):
-                raise NonFiniteLoss(f"weights became non-finite by step {state.step}; the last checkpoint is kept")
+        if not strategy.finite():
+            raise NonFiniteLoss(f"weights became non-finite by step {state.step}; the last checkpoint is kept")
+        modules, optim = strategy.state_dicts(), strategy.optimizer_state(optimizer)  # FSDP: gathered, collectives
         mine = {"rng": checkpoint.rng_state(), "sums": {k: float(v) for k, v in running.items()}}
         ranks = ddp.gather_objects(mine)  # a data-parallel run resumes each process's own state
         if not main:
@@ -171,8 +178,8 @@ def fit(
         checkpoint.save(
             ckpt_dir / name,
             {
-                "modules": {k: m.state_dict() for k, m in objective.modules().items()},
-                "optimizer": optimizer.state_dict(),
+                "modules": modules,
+                "optimizer": optim,
                 "scheduler": scheduler.state_dict(),
                 "scaler": speed.state_dict(),
                 "extra": objective.extra_state(),
@@ -231,10 +238,10 @@ def fit(
                 _accumulate(running, task, loss, logits, y, terms)
                 if not ends_step(b)[0]:
                     continue
-                strategy.check_gradients()
+                strategy.after_backward()  # DDP: unused parameters named; FSDP: replicated modules' gradients
                 if t.grad_clip:
                     speed.scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                    nn.utils.clip_grad_norm_(params, float(t.grad_clip))
+                    strategy.clip_gradients(params, float(t.grad_clip))
                 speed.scaler.step(optimizer)  # 16-mixed: skipped when the gradients overflowed
                 speed.scaler.update()
                 scheduler.step()
@@ -272,7 +279,10 @@ def fit(
             running, state.epoch = {}, state.epoch + 1
             strategy.sync_buffers()
             with speed.eager():
-                val = evaluate(objective.model, data.val, prep, int(cfg.data.eval_batch_size), device, **loader)
+                val = evaluate(
+                    objective.model, data.val, prep, int(cfg.data.eval_batch_size), device,
+                    every_rank=strategy.evaluates_everywhere, **loader,
+                )  # fmt: skip
             state.val = val
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "val", **val, "time": time.time() - t0})
             metrics.write({"step": state.step, "epoch": state.epoch, "split": "train_epoch", **train})
@@ -286,6 +296,7 @@ def fit(
                 save("best.pt")
             save("last.pt")
 
+    strategy.finish()  # FSDP: every process gets the whole trained model back
     speed.release()  # the pipeline gets back a plain module (cost report, saving, a next phase)
     eval_bs = int(cfg.data.eval_batch_size)
     if not val and state.epoch > 0:  # a checkpoint from before `val` was kept: the same weights, measured again

@@ -5,6 +5,7 @@ torch's `DistributedDataParallel` wraps the trained modules, so gradients are av
 all-reduce, overlapped with the backward pass, and buffers (BatchNorm statistics) come from rank 0 at every
 forward. `trainer.accumulate_grad_batches=K` sums the gradients of K batches before each optimiser step;
 the K-1 batches before the last skip DDP's all-reduce (`no_sync`), as every DDP user does.
+`trainer.strategy=fsdp` shards the model instead (FSDP2, modrun/engine/sharding.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from modrun.components.data.base import num_batches
 from modrun.core import collectives as ddp
 from modrun.core.errors import UserError
+from modrun.engine.sharding import Sharded
 
 
 class _Trained(nn.Module):
@@ -41,12 +43,17 @@ class Strategy:
     def __init__(self, trainer: DictConfig, objective: Any) -> None:
         self.accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
         self.find_unused = bool(trainer.get("find_unused_parameters", False)) or objective.varying_graph
+        self.fsdp = ddp.world_size() > 1 and trainer.get("strategy", "ddp") == "fsdp"
         self.objective, self.wrapped, self.checked = objective, None, False
+        self.sharded: Sharded | None = None
 
     def start(self) -> None:
-        """Wrap the trained modules for data-parallel training (after a resumed run loaded its weights: DDP
-        broadcasts rank 0's parameters and buffers when it is built, so every process starts the same)."""
-        if ddp.world_size() > 1:
+        """Wrap the trained modules for data-parallel training, before the optimiser takes their parameters and
+        after a resumed run loaded its weights (DDP broadcasts rank 0's parameters and buffers when it is built;
+        FSDP shards what every process loaded or built alike)."""
+        if self.fsdp:
+            self.sharded = Sharded(self.objective.modules())
+        elif ddp.world_size() > 1:
             trained = _Trained(self.objective)
             device = next(trained.parameters()).device
             self.wrapped = DistributedDataParallel(
@@ -61,11 +68,27 @@ class Strategy:
     @contextlib.contextmanager
     def sync(self, last_of_step: bool) -> Iterator[None]:
         """Around a batch's forward and backward: the gradient all-reduce happens on the step's last batch only."""
-        if self.wrapped is None or last_of_step:
+        if self.sharded is not None:
+            self.sharded.sync(last_of_step)
+            yield
+        elif self.wrapped is None or last_of_step:
             yield
         else:
             with self.wrapped.no_sync():
                 yield
+
+    def after_backward(self) -> None:
+        """After a step's last backward: FSDP's replicated modules' gradients averaged; DDP's checked."""
+        if self.sharded is not None:
+            self.sharded.average_replicated()
+        else:
+            self.check_gradients()
+
+    def clip_gradients(self, params: list[nn.Parameter], max_norm: float) -> None:
+        if self.sharded is not None:
+            self.sharded.clip_gradients(max_norm)  # the norm over shards and replicas together
+        else:
+            nn.utils.clip_grad_norm_(params, max_norm)
 
     def check_gradients(self) -> None:
         """After the first synchronised backward: a trained parameter that got no gradient would stall DDP's
@@ -86,8 +109,46 @@ class Strategy:
     def sync_buffers(self) -> None:
         """Rank 0's buffers in every process (before an evaluation, where each process evaluates its share of the
         split, and before a save, whose finiteness check must then agree on every process)."""
-        if self.wrapped is not None:
+        if self.wrapped is not None or self.sharded is not None:  # FSDP keeps buffers whole in every process
             ddp.broadcast_state(self.objective.modules().values())
+
+    @property
+    def evaluates_everywhere(self) -> bool:
+        """Whether every process evaluates the whole split: a sharded model's forward is a collective, so the
+        processes must run the same batches in lock step."""
+        return self.sharded is not None
+
+    def finite(self) -> bool:
+        """Whether every floating-point weight and buffer is finite (the same answer in every process)."""
+        if self.sharded is not None:
+            return self.sharded.finite()
+        return all(
+            torch.isfinite(v).all()
+            for m in self.objective.modules().values()
+            for v in m.state_dict().values()
+            if v.is_floating_point()
+        )
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trained modules' whole state dicts, for a checkpoint (collective under FSDP; rank 0 saves them)."""
+        if self.sharded is not None:
+            return self.sharded.state_dicts()
+        return {k: m.state_dict() for k, m in self.objective.modules().items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return self.sharded.optimizer_state(optimizer) if self.sharded is not None else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.sharded is not None:
+            self.sharded.load_optimizer_state(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
+
+    def finish(self) -> None:
+        """After training: the recipe gets plain modules back (saving, cost report, a next phase)."""
+        if self.sharded is not None:
+            self.sharded.release()
+            self.sharded = None
 
 
 def epoch_length(trainer: DictConfig, train_size: int, batch_size: int) -> tuple[int, int]:

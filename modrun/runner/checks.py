@@ -54,7 +54,7 @@ TEACHER = Component("teacher", MODELS, runner_keys=TEACHER_RUNNER_KEYS)
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 OPTIONAL_NODES = {"sweep", "logger", "nested"}  # read with .get(): a run goes on without them
 # keys added after run folders were written without them; read with .get() and their default
-LATER_KEYS = {"trainer.accumulate_grad_batches", "trainer.find_unused_parameters"}
+LATER_KEYS = {"trainer.accumulate_grad_batches", "trainer.find_unused_parameters", "trainer.strategy"}
 INT64_MAX = 2**63 - 1
 MAX_NAME = 200  # bytes: with the timestamp and a sweep's command prefix, a folder name stays under 255
 

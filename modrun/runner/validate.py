@@ -95,6 +95,10 @@ def _module_names(imports: Any) -> bool:
     return isinstance(imports, ListConfig) and all(isinstance(m, str) for m in imports)
 
 
+STRATEGIES = ("ddp", "fsdp")
+FSDP_COMMANDS = ("train", "distill")  # pruning masks, grown and stitched models act on whole weights between steps
+
+
 def check_processes(command: str, cfg: DictConfig) -> list[str]:
     """What a data-parallel run (trainer.devices x trainer.nodes > 1) does not support yet."""
     t = cfg.get("trainer") or {}
@@ -107,7 +111,23 @@ def check_processes(command: str, cfg: DictConfig) -> list[str]:
             "modrun starts its own processes: run it without torchrun, with trainer.devices=N "
             "(and trainer.nodes, trainer.rdzv_endpoint across machines)"
         )
-    if bad or devices * nodes == 1:
+    strategy = t.get("strategy", "ddp")
+    if strategy not in STRATEGIES:
+        bad.append(f"trainer.strategy={strategy}: expected one of {', '.join(STRATEGIES)}")
+    if bad:
+        return bad
+    if strategy == "fsdp":
+        if devices * nodes == 1:
+            return [
+                "trainer.strategy=fsdp shards the model over several processes: set trainer.devices=2 or more "
+                "(or trainer.strategy=ddp)"
+            ]
+        if command not in FSDP_COMMANDS or (cfg.get("nested") or {}).get("name", "none") != "none":
+            return [
+                f"trainer.strategy=fsdp: supported by modrun {' and modrun '.join(FSDP_COMMANDS)} (without nested); "
+                "use trainer.strategy=ddp here"
+            ]
+    if devices * nodes == 1:
         return bad
     kd = cfg.get("kd") or {}
     if kd.get("cache_teacher"):

@@ -17,7 +17,7 @@ from modrun.components.data.tasks import CLASSIFICATION, language_modeling
 from modrun.components.data.text import python_docs, split_chunks, text_data
 from modrun.components.models.gpt import GPT
 from modrun.components.models.vit import ViT
-from modrun.engine.loop import evaluate
+from modrun.engine.evaluation import evaluate
 
 TINY = ["model=gpt", "data=python_docs", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"]
 TINY += ["data.block_size=32", "data.windows_per_epoch=128", "data.batch_size=16", "trainer.progress=false"]

@@ -95,7 +95,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     from modrun.components.data.base import Preprocess
     from modrun.core.artifacts import load_into, load_run_config
     from modrun.core.registry import split_imports
-    from modrun.engine.loop import evaluate
+    from modrun.engine.evaluation import evaluate
     from modrun.runner.validate import check_record
 
     run_dir = Path(run_dir)

@@ -1,4 +1,4 @@
-"""Evaluation beyond the loop's own: a deployable model's scores with its cost."""
+"""Evaluation: the task's metrics over a split, and a deployable model's scores with its cost."""
 
 from __future__ import annotations
 
@@ -7,10 +7,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from modrun.components.data.base import Preprocess, Split, batches
+from modrun.components.data.tasks import split_task
+from modrun.core import collectives as ddp
 from modrun.core.cost import count_macs, count_params, latency_ms
-from modrun.engine.loop import evaluate
 
 SPLITS = ("val", "test")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    prep: Preprocess,
+    batch_size: int,
+    device: torch.device,
+    every_rank: bool = False,
+    **loader: int,
+) -> dict:
+    """The task's metrics over one split (loss, top-1/top-5 or perplexity and bits per byte). Draws no random
+    numbers. `loader` (num_workers, prefetch_factor) applies to file-backed splits.
+
+    In a data-parallel run each process evaluates its share and the sums are added up over processes, or, with
+    `every_rank` (a sharded model, whose forward all processes must run together), each evaluates it all."""
+    was_training = model.training
+    model.eval()
+    task = split_task(split)
+    sums = {k: 0.0 for k in task.keys}
+    shard = "eval" if ddp.world_size() > 1 and not every_rank else None
+    for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
+        for k, v in task.sums(model(prep(x)), y).items():
+            sums[k] += v.item()
+    model.train(was_training)
+    total = {k: torch.tensor(float(v)) for k, v in sums.items()}
+    total = total if shard is None else ddp.reduce_sums(total)
+    return task.metrics({k: float(v) for k, v in total.items()})
 
 
 def scores_and_cost(model: nn.Module, data: Any, prep: Any, batch_size: int, device: torch.device) -> dict[str, Any]:

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from modrun.components.data.base import Data, Preprocess, Split, batches
-from modrun.components.data.tasks import Task, split_task
+from modrun.components.data.base import Data, Preprocess, batches
+from modrun.components.data.tasks import Task
 from modrun.components.loggers import build_logger
 from modrun.core import checkpoint
 from modrun.core import collectives as ddp
 from modrun.core.registry import OPTIMIZERS, SCHEDULERS
 from modrun.core.runfolder import MetricsWriter
 from modrun.core.stopping import Interrupted, NonFiniteLoss, StopRequest, check_finite
+from modrun.engine.evaluation import evaluate
 from modrun.engine.progress import Progress
 from modrun.engine.speed import Speed
 from modrun.engine.strategy import Strategy, epoch_length, group_sizes
@@ -77,35 +78,6 @@ class State:
     best_epoch: int = -1
     sums: dict[str, float] = field(default_factory=dict)  # running train sums of the current epoch
     val: dict[str, float] = field(default_factory=dict)  # the last epoch's validation metrics (the final ones)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    split: Split,
-    prep: Preprocess,
-    batch_size: int,
-    device: torch.device,
-    every_rank: bool = False,
-    **loader: int,
-) -> dict:
-    """The task's metrics over one split (loss, top-1/top-5 or perplexity and bits per byte). Draws no random
-    numbers. `loader` (num_workers, prefetch_factor) applies to file-backed splits.
-
-    In a data-parallel run each process evaluates its share and the sums are added up over processes, or, with
-    `every_rank` (a sharded model, whose forward all processes must run together), each evaluates it all."""
-    was_training = model.training
-    model.eval()
-    task = split_task(split)
-    sums = {k: 0.0 for k in task.keys}
-    shard = "eval" if ddp.world_size() > 1 and not every_rank else None
-    for x, y, _ in batches(split, batch_size, device=device, shard=shard, **loader):
-        for k, v in task.sums(model(prep(x)), y).items():
-            sums[k] += v.item()
-    model.train(was_training)
-    total = {k: torch.tensor(float(v)) for k, v in sums.items()}
-    total = total if shard is None else ddp.reduce_sums(total)
-    return task.metrics({k: float(v) for k, v in total.items()})
 
 
 def fit(

@@ -15,7 +15,8 @@ from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
 from modrun.core.runfolder import write_json
-from modrun.engine.loop import evaluate, fit
+from modrun.engine.evaluation import evaluate
+from modrun.engine.loop import fit
 from modrun.methods.distill.cache import check_cache
 from modrun.methods.distill.checks import check
 from modrun.methods.distill.m2m import run_phase1

@@ -25,7 +25,8 @@ from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import barrier, is_main
 from modrun.core.cost import count_params
 from modrun.core.runfolder import atomic_write, read_json, write_json
-from modrun.engine.loop import Objective, evaluate, fit
+from modrun.engine.evaluation import evaluate
+from modrun.engine.loop import Objective, fit
 from modrun.methods.distill.teachers import own_training
 from modrun.methods.grow import GROWERS, grown_node
 from modrun.methods.grow.checks import check

@@ -20,7 +20,8 @@ from modrun.core.collectives import is_main
 from modrun.core.errors import UserError
 from modrun.core.registry import PRUNERS
 from modrun.core.runfolder import atomic_write, write_json
-from modrun.engine.loop import Objective, evaluate, fit
+from modrun.engine.evaluation import evaluate
+from modrun.engine.loop import Objective, fit
 from modrun.engine.strategy import epoch_length
 from modrun.methods.distill.objective import DistillObjective
 from modrun.methods.distill.teachers import own_training

@@ -38,7 +38,7 @@ from modrun.core.runfolder import (
     write_json,
     write_record,
 )
-from modrun.engine.loop import evaluate
+from modrun.engine.evaluation import evaluate
 from modrun.methods.soup import merge
 from modrun.methods.soup.inputs import expand_runs, settings, split_args
 from modrun.methods.soup.merge import check_layer_scales, find_base

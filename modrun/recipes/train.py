@@ -13,7 +13,8 @@ from modrun.core.artifacts import save_weights
 from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import is_main
 from modrun.core.runfolder import write_json
-from modrun.engine.loop import Objective, evaluate, fit
+from modrun.engine.evaluation import evaluate
+from modrun.engine.loop import Objective, fit
 from modrun.methods.nested import base as nested
 from modrun.methods.nested import subnet
 from modrun.methods.nested.checks import check, check_train

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lm_speed import alternate, autocast, lm_data, make_cfg
+from lm_speed import alternate, autocast, lm_data, make_cfg, paired_ratio
 from omegaconf import OmegaConf
 
 from modrun.components.data.base import batches
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         "plain_kd_tokens_per_s": round(plain, 1),
         "modrun_kd_tokens_per_s": round(ours, 1),
         "ratio": round(ours / plain, 3),
+        "ratio_paired_median": round(paired_ratio(times), 3),
         "target": 0.95,
         "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
     }

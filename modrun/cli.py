@@ -225,7 +225,9 @@ def runs_list(runs_dir: Path = typer.Argument(Path("runs"), help="The runs folde
 @runs_app.command("compare")
 def runs_compare(
     paths: list[Path] = typer.Argument(..., help="A sweep folder, or several run folders."),
-    objective: str | None = typer.Option(None, help="Metric to rank by (default: the sweep's, else val/top1)."),
+    objective: str | None = typer.Option(
+        None, help="Metric to rank by (default: the sweep's, else the task's: val/top1, or val/loss for text)."
+    ),
     out: Path | None = typer.Option(None, help="Where compare.csv and the plots go (default: the sweep folder)."),
     plots: bool = typer.Option(True, help="Write curves.png and pareto.png (needs matplotlib)."),
 ) -> None:

@@ -58,10 +58,19 @@ def _fmt(value: object) -> str:
     return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else escape(str(value)))
 
 
+def _metric(metrics: dict, split: str, names: tuple[str, ...]) -> str:
+    """The first of `names` the run has for `split`, named: `top1 97.22` (images) or `bpb 2.88` (text)."""
+    for name in names:
+        value = metrics.get(f"{split}/{name}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{name} {_fmt(float(value))}"
+    return ""
+
+
 def list_runs(runs_dir: Path) -> None:
     if not Path(runs_dir).is_dir():
         raise UserError(f"runs folder '{runs_dir}' does not exist")
-    table = Table("run", "command", "state", "started", "best val/top1", "test/top1", "params")
+    table = Table("run", "command", "state", "started", "best val", "test", "params")
     for run in find_runs(runs_dir):
         status, problem = try_json(run / "status.json")
         if problem:  # one damaged folder is listed as such, and hides none of the others
@@ -72,8 +81,8 @@ def list_runs(runs_dir: Path) -> None:
             _fmt(status.get("command", "?")),
             _fmt(status.get("state", "?")),
             _fmt(status.get("started", "")),
-            _fmt(section(summary, "best").get("val/top1")),
-            _fmt(section(summary, "final").get("test/top1")),
+            _metric(section(summary, "best"), "val", ("top1", "loss")),
+            _metric(section(summary, "final"), "test", ("bpb", "ppl", "top1")),
             _fmt(summary.get("params")),
         )
     console.print(table)

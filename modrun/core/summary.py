@@ -6,6 +6,15 @@ from typing import Any
 
 from modrun.core.records import section
 
+# metrics where less is better (errors, costs); every other one (accuracies) is maximised
+LOWER_IS_BETTER = ("loss", "ppl", "bpb", "params", "nonzero_params", "macs", "wall_time_s")
+
+
+def direction_of(metric: str) -> str:
+    """`minimize` or `maximize`: how a metric of summary.json is ranked when nobody said."""
+    leaf = metric.rsplit("/", 1)[-1]
+    return "minimize" if leaf in LOWER_IS_BETTER or leaf.startswith("latency") else "maximize"
+
 
 def objective_value(summary: dict[str, Any], key: str) -> float | None:
     value = flatten_summary(summary).get(key)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from modrun.components.build import build_data, build_model, resolve_device
 from modrun.components.data.base import Preprocess
+from modrun.components.data.tasks import CLASSIFICATION, language_modeling
 from modrun.components.shapes import SHAPES_FILE, apply_shapes, read_shapes
 from modrun.core import index
 from modrun.core.artifacts import load_into, load_run_config, load_state, prerequisite_record, save_weights
@@ -38,6 +39,7 @@ from modrun.core.runfolder import (
     write_json,
     write_record,
 )
+from modrun.core.summary import direction_of
 from modrun.engine.evaluation import evaluate
 from modrun.methods.soup import merge
 from modrun.methods.soup.inputs import expand_runs, settings, split_args
@@ -149,7 +151,7 @@ def cook(cfg: DictConfig, rows: list[dict], states: list[dict], score: Any) -> d
     ingredient if the soup's val score does not get worse. Marks `kept` (and greedy's trace) in `rows`."""
     if cfg.soup == "uniform":
         return average(states)
-    higher, key = not cfg.objective.endswith("loss"), cfg.objective
+    higher, key = direction_of(cfg.objective) == "maximize", cfg.objective
     order = sorted(range(len(states)), key=lambda i: rows[i][key], reverse=higher)
     kept, best = [order[0]], score(states[order[0]], ("val",))[key]
     rows[order[0]].update(kept=True, rank=1, soup_val=best)
@@ -178,7 +180,11 @@ def soup_runs(args: list[str]) -> int:
         base = load_ingredient(find_base(cfg, ings))
         check_compatible([base, *ings])
         check_layer_scales(cfg, base["state"])
-    src, metric = ings[0]["cfg"], cfg.objective.split("/")[1]
+    src = ings[0]["cfg"]
+    if cfg.objective is None:  # the ingredients' task's best-epoch metric: val/top1, or val/loss for text
+        task = (src.get("data") or {}).get("task", "classification")
+        cfg.objective = f"val/{(language_modeling() if task == 'language_modeling' else CLASSIFICATION).best}"
+    metric = cfg.objective.split("/")[1]
     for ing in ings:
         trusted_imports(ing["cfg"], given, ing["run"] / "config.yaml")
     seed_everything(int(cfg.seed))
@@ -226,7 +232,7 @@ def soup_runs(args: list[str]) -> int:
             log.error("interrupted" if stopped else "failed with an exception:\n" + traceback.format_exc())
             return 130 if stopped else 1
         write_json(run_dir / "ingredients.json", rows)
-        sign = -1 if metric == "loss" else 1
+        sign = 1 if direction_of(cfg.objective) == "maximize" else -1
         summary = {
             "final": final,
             "best": dict(final),  # a soup is one set of weights: its best is its final
@@ -266,7 +272,7 @@ def _sparsity(masks: dict[str, torch.Tensor], first: dict, soup: dict) -> dict[s
 
 
 def _print_table(rows: list[dict], final: dict, cfg: DictConfig, metric: str, run_dir: Path) -> None:
-    fmt = "{:.4f}" if metric == "loss" else "{:.2f}"
+    fmt = "{:.4f}" if direction_of(metric) == "minimize" else "{:.2f}"
     table = Table("ingredient", f"val/{metric}", f"test/{metric}", "kept", title=f"{cfg.soup} soup: {run_dir}")
     for r in [*rows, {"run": "[bold]soup[/bold]", **final, "kept": None}]:
         kept = {True: "yes", False: "no", None: ""}[r["kept"]]

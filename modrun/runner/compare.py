@@ -20,13 +20,15 @@ from modrun.core.errors import UserError
 from modrun.core.plots import pareto_front, pyplot
 from modrun.core.records import RecordError, inside, read_json, read_lines, try_json
 from modrun.core.runfolder import atomic_write, read_metrics
-from modrun.core.summary import flatten_summary
+from modrun.core.summary import direction_of, flatten_summary
 from modrun.runner.objective import check_ranked_by
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 COST_KEYS = ("params", "nonzero_params", "macs")
 LATENCY_KEYS = ("latency_ms_batch1", "latency_ms_cpu_b1", "latency_ms_cpu_b64")
-SHOWN = ("val/top1", "test/top1", "best/val/top1", *COST_KEYS, *LATENCY_KEYS, "wall_time_s")
+# shown where they differ between runs (a classification run has no bpb, a language model's best is by loss)
+SHOWN = ("val/top1", "test/top1", "val/bpb", "test/bpb", "best/val/top1", "best/val/loss")
+SHOWN += (*COST_KEYS, *LATENCY_KEYS, "wall_time_s")
 
 
 @dataclass
@@ -41,9 +43,10 @@ class Entry:
 
 
 def collect(paths: list[Path]) -> tuple[list[Entry], str, str]:
-    """The runs behind `paths` (sweep folders and run folders), and the objective and direction to rank by."""
+    """The runs behind `paths` (sweep folders and run folders), and the objective and direction to rank by (the
+    sweep's; for run folders alone, the task's best-epoch metric)."""
     entries: list[Entry] = []
-    objective, direction = "val/top1", "maximize"
+    objective, direction = None, None
     for path in paths:
         path = Path(path)
         if (path / "sweep.json").is_file():
@@ -51,8 +54,8 @@ def collect(paths: list[Path]) -> tuple[list[Entry], str, str]:
             jobs = sweep.get("jobs", [])
             if not isinstance(jobs, list):
                 raise RecordError(f"{path / 'sweep.json'}: 'jobs' is not a list")
-            objective = str(sweep.get("objective", objective))
-            direction = "minimize" if sweep.get("direction") == "minimize" else direction
+            objective = str(sweep.get("objective") or objective or "val/top1")
+            direction = "minimize" if sweep.get("direction") == "minimize" else "maximize"
             for i, job in enumerate(jobs):
                 job = job if isinstance(job, dict) else {}
                 name = str(job.get("run_dir") or job.get("num", i))
@@ -67,7 +70,10 @@ def collect(paths: list[Path]) -> tuple[list[Entry], str, str]:
             entries.append(_entry(str(path), path, read_lines(path / "overrides.txt")))
         else:
             raise UserError(f"'{path}' is neither a sweep folder (sweep.json) nor a run folder (status.json)")
-    return entries, objective, direction
+    if objective is None:  # run folders alone: a language model's runs rank by val loss (best epoch's metric)
+        lm = any("val/ppl" in e.metrics for e in entries)
+        objective, direction = ("val/loss", "minimize") if lm else ("val/top1", "maximize")
+    return entries, objective, str(direction)
 
 
 def _entry(name: str, run: Path | None, overrides: list[str] | None) -> Entry:
@@ -100,6 +106,7 @@ def compare(paths: list[Path], objective: str | None = None, plots: bool = True,
         raise UserError("nothing to compare: no runs found")
     if objective:  # a name of the user's: one that no run holds would rank nothing
         check_ranked_by(objective, [e.metrics for e in entries])
+        direction = direction if objective == sweep_objective else direction_of(objective)
     objective = objective or sweep_objective
     keys = varying(entries)
     sign = -1.0 if direction == "maximize" else 1.0
@@ -212,7 +219,8 @@ def val_curve(run_dir: Path, metric: str = "top1") -> tuple[list[int], list[floa
 
 
 def plot_comparison(entries: list[Entry], objective: str, direction: str, out: Path) -> list[Path]:
-    """curves.png (val top-1 per epoch of every run) and pareto.png (objective against each cost measured)."""
+    """curves.png (the objective's val metric per epoch of every run; val top-1 where the objective is not a val
+    metric) and pareto.png (objective against each cost measured)."""
     plt = pyplot()
     if plt is None:
         return []
@@ -220,11 +228,12 @@ def plot_comparison(entries: list[Entry], objective: str, direction: str, out: P
 
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric = objective.rsplit("/", 1)[-1] if objective.removeprefix("best/").startswith("val/") else "top1"
     for e in entries:
-        epochs, values = val_curve(e.run_dir)
+        epochs, values = val_curve(e.run_dir, metric)
         if epochs:
             ax.plot(epochs, values, marker="o", markersize=3, label=e.name[-40:])
-    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
+    ax.set(xlabel="epoch", ylabel=f"val {metric}", title=f"validation {metric} per epoch")
     if len(entries) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from modrun.core.errors import UserError, did_you_mean
 from modrun.core.registry import RECIPES
+from modrun.core.summary import direction_of
 
 # what evaluation reports per split, by the data's task (components/data/tasks.py: Task.metrics)
 TASK_METRICS = {"classification": ("loss", "top1", "top5"), "language_modeling": ("loss", "top1", "ppl", "bpb")}
@@ -17,10 +18,22 @@ BEST = {"classification": "top1", "language_modeling": "loss"}  # Task.best of c
 COMMON = ("steps", "epochs", "wall_time_s", "params", "nonzero_params", "macs", "latency_ms_batch1")
 
 
+def task_of(cfg: DictConfig) -> str:
+    data = cfg.get("data")
+    return str(data.get("task", "classification")) if isinstance(data, DictConfig) else "classification"
+
+
+def sweep_objective(cfg: DictConfig) -> tuple[str, str]:
+    """The metric a sweep ranks its jobs by, and its direction: sweep.objective and sweep.direction, or where
+    they are null, the task's best-epoch metric (val/top1 for images, val/loss for text) and its natural way."""
+    node = cfg.get("sweep") or {}
+    objective = node.get("objective") or f"val/{BEST.get(task_of(cfg), 'top1')}"
+    return str(objective), str(node.get("direction") or direction_of(str(objective)))
+
+
 def objective_names(command: str, cfg: DictConfig) -> list[str]:
     """Every key `objective_value` can find in this command's summary.json for this config."""
-    data = cfg.get("data")
-    task = str(data.get("task", "classification")) if isinstance(data, DictConfig) else "classification"
+    task = task_of(cfg)
     metrics = TASK_METRICS.get(task, TASK_METRICS["classification"])
     split_keys = [f"{s}/{m}" for s in ("val", "test") for m in metrics]
     # the best epoch records the metric that chose it (engine/loop.py) and the test metrics of best.pt

@@ -23,7 +23,7 @@ from modrun.core.runfolder import read_json, reserve_run_dir
 from modrun.core.stopping import sigterm_interrupts
 from modrun.core.summary import objective_value
 from modrun.runner.compose import hydra_free_copy, job_dir_name
-from modrun.runner.objective import check_objective
+from modrun.runner.objective import check_objective, sweep_objective
 from modrun.runner.sweepdir import job_folder, job_state, now, update_job, update_sweep, write_sweep
 
 # Hydra plugins behind the launcher/sweeper choices users type, and the modrun extra that installs each
@@ -57,7 +57,7 @@ def run_sweep(command: str, overrides: list[str], config_dir: Path | None = None
     with composer_for(command, config_dir) as composer:
         first_cfg, lines = validate_sweep(composer, overrides)
         hydra_cfg = composer.compose(lines, with_hydra=True, sweep=True).hydra
-        objective, direction = str(first_cfg.sweep.objective), str(first_cfg.sweep.direction)
+        objective, direction = sweep_objective(first_cfg)
         if direction not in ("maximize", "minimize"):
             raise UserError(f"sweep.direction={direction}: must be maximize or minimize")
         check_objective(command, first_cfg, objective)

@@ -13,7 +13,7 @@ from modrun.core.records import inside, read_json
 from modrun.core.values import DEVICE, is_number, suggest_key, type_problem
 
 SOUPS = ("uniform", "greedy", "task_arithmetic")
-OBJECTIVES = ("val/top1", "val/top5", "val/loss")
+OBJECTIVES = ("val/top1", "val/top5", "val/loss", "val/bpb", "val/ppl")  # the ones the ingredients' task reports
 
 
 def defaults() -> DictConfig:
@@ -46,7 +46,7 @@ def settings(overrides: list[str]) -> DictConfig:
         else:
             cfg[key] = value
     for key, choices in (("soup", SOUPS), ("objective", OBJECTIVES)):
-        if not errors and cfg[key] not in choices:
+        if not errors and cfg[key] not in choices and not (key == "objective" and cfg[key] is None):
             errors.append(f"{key}={cfg[key]}: expected one of {', '.join(choices)}{did_you_mean(cfg[key], choices)}")
     if not errors and not DEVICE.match(str(cfg.device)):
         errors.append(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.core.errors import UserError
+from modrun.core.summary import direction_of
 
 log = logging.getLogger("modrun")
 
@@ -73,7 +74,7 @@ def cook(
     layer_scales = {str(k): float(v) for k, v in (cfg.layer_scales or {}).items()}
     if cfg.scale is not None:
         return merge(base, states, float(cfg.scale), layer_scales), float(cfg.scale)
-    higher = not cfg.objective.endswith("loss")
+    higher = direction_of(cfg.objective) == "maximize"
     tried = []
     for s in cfg.scale_grid:
         value = score(merge(base, states, float(s), layer_scales), ("val",))[cfg.objective]

@@ -175,3 +175,13 @@ def test_help_and_list_do_not_import_torch(tmp_path):
 def test_console_script_installed():
     r = cli_subprocess("list", "optimizers")
     assert r.returncode == 0 and "adamw" in r.stdout
+
+
+def test_null_for_a_number_a_recipe_set_means_not_set():
+    """lm_python_docs sets windows_per_epoch and grad_clip; null (the data's and trainer's own defaults: one
+    pass, no clipping) is accepted for them, while null for another number stays an error."""
+    r = cli("validate", "train", "experiment=lm_python_docs", "data.windows_per_epoch=null", "trainer.grad_clip=null")
+    assert r.code == 0, r.text
+    assert "windows_per_epoch: null" in r.out and "grad_clip: null" in r.out
+    r = cli("validate", "train", "experiment=lm_python_docs", "data.block_size=null")
+    assert r.code == 2 and "data.block_size=null: expects an integer, got null" in r.err, r.text

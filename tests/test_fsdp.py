@@ -89,6 +89,7 @@ def test_killed_sharded_run_resumes_bitwise(tmp_path):
         ("train", [*TWO, "trainer.strategy=zero3"], "trainer.strategy=zero3: expected one of ddp, fsdp"),
         ("prune", [*TWO, "trainer.strategy=fsdp", "source.run=x"], "use trainer.strategy=ddp here"),
         ("train", [*TWO, "trainer.strategy=fsdp", "nested=sorted"], "supported by modrun train and modrun distill"),
+        ("distill", [*TWO, "experiment=kd_lm_python_docs", "trainer.strategy=fsdp", "kd=m2m"], "or kd=m2m)"),
     ],
 )
 def test_what_sharding_does_not_support_is_a_clear_error(command, args, message):

@@ -58,6 +58,26 @@ def test_an_hf_config_without_weights_trains_and_its_blocks_are_named(folders):
     assert model.embedding_layer == "model.model.norm"
 
 
+def test_a_padded_vocabulary_gives_logits_over_the_datas_tokens(folders, tmp_path):
+    """An embedding padded to 320 rows on byte data (256): logits, loss and KD are over the 256 real tokens
+    (the padding rows' logits are no token's), through the CLI and against the sliced full forward."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "padded")
+    from modrun.components.models.hf import hf
+
+    model = hf(256, path=str(tmp_path / "padded")).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    full = model.model(input_ids=idx).logits
+    assert full.shape[-1] == 320 and torch.equal(model(idx), full[..., :256])
+    r = cli("train", "model=hf", f"model.path={tmp_path / 'padded'}", *TEXT)
+    assert r.code == 0, r.text
+    assert read_json(only_run() / "summary.json")["final"]["val/bpb"] < 8.5  # trained: near or below uniform
+
+
 def test_hf_bad_input_is_one_line(folders, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     cases = [
@@ -68,8 +88,8 @@ def test_hf_bad_input_is_one_line(folders, tmp_path, monkeypatch):
     for args, message in cases:
         r = cli("train", "model=hf", *TEXT, *args)
         assert r.code == 2 and message in r.text and "Traceback" not in r.text, r.text
-    r = cli("train", "model=hf", "model.arch=llama", *TEXT, "model.config={vocab_size:1000}")
-    assert r.code == 2 and "the model's vocabulary has 1000 tokens but the data's has 256" in r.text, r.text
+    r = cli("train", "model=hf", "model.arch=llama", *TEXT, "model.config={vocab_size:200}")
+    assert r.code == 2 and "the model's vocabulary has 200 tokens, fewer than the data's 256" in r.text, r.text
     assert not Path("runs").exists()
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
     r = cli("train", "model=hf", f"model.path={folders['llama']}", *TEXT)

@@ -122,9 +122,11 @@ def check_processes(command: str, cfg: DictConfig) -> list[str]:
                 "trainer.strategy=fsdp shards the model over several processes: set trainer.devices=2 or more "
                 "(or trainer.strategy=ddp)"
             ]
-        if command not in FSDP_COMMANDS or (cfg.get("nested") or {}).get("name", "none") != "none":
+        kd = cfg.get("kd") or {}
+        if command not in FSDP_COMMANDS or (cfg.get("nested") or {}).get("name", "none") != "none" or kd.get("m2m"):
             return [
-                f"trainer.strategy=fsdp: supported by modrun {' and modrun '.join(FSDP_COMMANDS)} (without nested); "
+                f"trainer.strategy=fsdp: supported by modrun {' and modrun '.join(FSDP_COMMANDS)} (without nested "
+                "or kd=m2m); "
                 "use trainer.strategy=ddp here"
             ]
     if devices * nodes == 1:

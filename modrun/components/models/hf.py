@@ -20,11 +20,16 @@ FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "m
 
 
 class HFCausalLM(nn.Module):
-    """tokens (B, T) -> logits (B, T, vocab), like `gpt`; its blocks and final norm named for feature KD."""
+    """tokens (B, T) -> logits (B, T, vocab), like `gpt`; its blocks and final norm named for feature KD.
 
-    def __init__(self, model: nn.Module) -> None:
+    A model whose embedding is padded past the tokenizer's vocabulary (to a multiple of 64, say) gives logits
+    over the data's `vocab` tokens only: the padding rows are no token of the data, and a softmax over them
+    would take probability mass (and a teacher's KD targets) away from real tokens."""
+
+    def __init__(self, model: nn.Module, vocab: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.vocab = vocab
         names = dict(model.named_modules())
         blocks = next((p for p in BLOCKS if isinstance(names.get(p), nn.ModuleList)), None)
         self.feature_layers = tuple(f"model.{blocks}.{i}" for i in range(len(names[blocks]))) if blocks else ()
@@ -32,7 +37,8 @@ class HFCausalLM(nn.Module):
         self.embedding_layer = f"model.{norm}" if norm else None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=idx, use_cache=False).logits
+        logits = self.model(input_ids=idx, use_cache=False).logits
+        return logits if self.vocab is None else logits[..., : self.vocab]
 
 
 def _transformers() -> Any:
@@ -80,9 +86,9 @@ def hf(
         if str(arch) not in known:
             raise UserError(f"model.arch={arch}: not a transformers model type{did_you_mean(str(arch), known)}")
         cfg = tf.AutoConfig.for_model(str(arch), **{"vocab_size": vocab_size, **(config or {})})
-    if int(cfg.vocab_size) != int(vocab_size):
+    if int(cfg.vocab_size) < int(vocab_size):  # larger is a padded embedding: its logits are sliced
         raise UserError(
-            f"model=hf: the model's vocabulary has {cfg.vocab_size} tokens but the data's has {vocab_size}; "
+            f"model=hf: the model's vocabulary has {cfg.vocab_size} tokens, fewer than the data's {vocab_size}; "
             "use data with the model's tokenizer or set model.config.vocab_size"
         )
     if path is not None and not on_meta:
@@ -91,7 +97,7 @@ def hf(
         )
     else:
         model = tf.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-    return HFCausalLM(model)
+    return HFCausalLM(model, int(vocab_size) if int(cfg.vocab_size) > int(vocab_size) else None)
 
 
 hf.requires = ("transformers", "modrun[hf]")  # said as one line by validation when the extra is missing

@@ -20,8 +20,14 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def type_problem(old: Any, new: Any) -> str | None:
-    """Whether `new` may replace `old`: the same kind of value (numbers may widen to float)."""
+# numbers some recipe sets whose null the code reads as "not set" (one pass over the data, all of it, no clipping)
+NULLABLE = {"data.windows_per_epoch", "data.max_bytes", "trainer.grad_clip"}
+
+
+def type_problem(old: Any, new: Any, key: str | None = None) -> str | None:
+    """Whether `new` may replace `old` (at `key`): the same kind of value (numbers may widen to float)."""
+    if new is None and key in NULLABLE:
+        return None
     if old is None or OmegaConf.is_missing(OmegaConf.create({"v": old}), "v"):
         return None
     if new is None:  # null may replace text or a node (teacher.run=null), not a number or a flag the run reads

@@ -54,7 +54,6 @@ TEACHER = Component("teacher", MODELS, runner_keys=TEACHER_RUNNER_KEYS)
 OPTIONAL_TOP_LEVEL = {"imports"}  # may be added with +key=... although no packaged config sets it
 OPTIONAL_NODES = {"sweep", "logger", "nested"}  # read with .get(): a run goes on without them
 # keys added after run folders were written without them; read with .get() and their default
-NULLABLE = {"data.windows_per_epoch", "data.max_bytes", "trainer.grad_clip"}
 LATER_KEYS = {"trainer.accumulate_grad_batches", "trainer.find_unused_parameters", "trainer.strategy"}
 INT64_MAX = 2**63 - 1
 MAX_NAME = 200  # bytes: with the timestamp and a sweep's command prefix, a folder name stays under 255
@@ -82,9 +81,7 @@ def check_config(cfg: DictConfig, reference: DictConfig) -> list[str]:
         if key not in ref_keys and not _under_free_node(key, reference):
             errors.append(f"unknown key {key}{suggest_key(key, ref_keys)}")
             continue
-        if key in NULLABLE and OmegaConf.select(cfg, key) is None:
-            continue  # a number some recipe sets, whose null the code reads as "not set" (one pass, no clipping)
-        problem = type_problem(OmegaConf.select(reference, key), OmegaConf.select(cfg, key))
+        problem = type_problem(OmegaConf.select(reference, key), OmegaConf.select(cfg, key), key)
         if problem and not isinstance(OmegaConf.select(cfg, key), (DictConfig, ListConfig)):
             errors.append(f"{key}={OmegaConf.select(cfg, key)}: {problem}")
     for path, component in found:

@@ -227,7 +227,7 @@ def check_value_override(base: DictConfig, known: set[str], o: Any) -> list[str]
     if o.is_sweep_override():
         return []
     old = OmegaConf.select(base, key, throw_on_missing=False)
-    problem = type_problem(old, o.value())
+    problem = type_problem(old, o.value(), key)
     return [f"{key}={o.get_value_element_as_str()}: {problem}"] if problem else []
 
 
@@ -296,7 +296,7 @@ def _type_problems(cfg: DictConfig, reference: DictConfig) -> list[str]:
         problem = (
             None
             if isinstance(value, (DictConfig, ListConfig))
-            else type_problem(reference_value(reference, key), value)
+            else type_problem(reference_value(reference, key), value, key)
         )
         problems += [f"{key}={value}: {problem}"] if problem else []
     return problems

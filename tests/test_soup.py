@@ -167,7 +167,8 @@ def test_bad_arguments(farm):
     d0, d1 = str(farm["d0"]), str(farm["d1"])
     Path("empty").mkdir()
     cases = {
-        (d0, d1, "soup=gredy"): "soup=gredy: expected one of uniform, greedy, task_arithmetic — did you mean greedy?",
+        (d0, d1, "soup=gredy"): "soup=gredy: expected one of uniform, greedy, task_arithmetic, ties, dare — did you "
+        "mean greedy?",
         (d0, d1, "soupp=greedy"): "unknown key soupp — did you mean soup?",
         (d0, d1, "soup.x=1"): "unknown key soup.x — did you mean soup?",
         (d0, d1, "objective=test/top1"): "did you mean val/top1?",
@@ -229,3 +230,102 @@ def _source(run: Path) -> str:
     from omegaconf import OmegaConf
 
     return str(OmegaConf.load(run / "config.yaml").source.run)
+
+
+def _deltas(farm, names: list[str]) -> tuple[dict, list[dict], list[str]]:
+    base = _weights(Path(_source(farm[names[0]])))
+    keys = [k for k, b in base.items() if b.is_floating_point()]
+    return base, [{k: _weights(farm[n])[k] - base[k] for k in keys} for n in names], keys
+
+
+def test_ties_trims_elects_signs_and_averages_the_agreeing_entries(farm):
+    """Against the paper's three steps written here over the flattened task vectors (numpy, not modrun's code)."""
+    import numpy as np
+
+    names = ["d0", "d1", "d2"]
+    r = cli("soup", *(str(farm[n]) for n in names), "soup=ties", "soup.density=0.3", "scale=0.8")
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    summary = read_json(soup / "summary.json")
+    assert summary["soup"] == "ties" and summary["density"] == 0.3 and summary["scale"] == 0.8
+    base, taus, keys = _deltas(farm, names)
+    flat = np.stack([np.concatenate([t[k].numpy().ravel() for k in keys]) for t in taus])
+    keep = int(flat.shape[1] * 0.3)
+    for row in flat:  # trim: the 30 % largest magnitudes of each whole task vector
+        row[np.abs(row) < np.sort(np.abs(row))[-keep]] = 0.0
+    elected = np.sign(flat.sum(0))
+    agree = (np.sign(flat) == elected) & (flat != 0)
+    merged_tau = (flat * agree).sum(0) / np.maximum(agree.sum(0), 1)
+    merged, offset = _weights(soup), 0
+    for k in keys:
+        n = base[k].numel()
+        expected = base[k] + 0.8 * torch.from_numpy(merged_tau[offset : offset + n]).reshape(base[k].shape)
+        torch.testing.assert_close(merged[k], expected.float(), rtol=0, atol=1e-5)
+        offset += n
+    assert 0.05 < float((merged_tau != 0).mean()) < 0.9  # trimmed: most entries of 3 x 30 % survive in one
+
+
+def test_dare_drops_and_rescales_each_task_vector_seeded(farm):
+    """Every entry of the merged vector is a sum of some of the runs' entries over (1 - p); each run keeps about
+    1 - p of its entries; the same seed gives the same soup, another seed another."""
+    names, p = ["d0", "d1"], 0.6
+    runs = [str(farm[n]) for n in names]
+    for seed in (3, 3, 4):
+        r = cli("soup", *runs, "soup=dare", f"drop_rate={p}", "scale=1", f"seed={seed}", f"name=dare{seed}")
+        assert r.code == 0, r.text
+    soups = sorted((Path("runs") / "soup").iterdir())
+    assert read_json(soups[0] / "summary.json")["drop_rate"] == p
+    base, (t0, t1), keys = _deltas(farm, names)
+    a, b, c = (_weights(s) for s in soups)
+    assert all(torch.equal(a[k], b[k]) for k in keys) and not all(torch.equal(a[k], c[k]) for k in keys)
+    kept0 = total = 0
+    for k in keys:
+        delta = (a[k] - base[k]).ravel()
+        x, y = t0[k].ravel() / (1 - p), t1[k].ravel() / (1 - p)
+        options = torch.stack([torch.zeros_like(x), x, y, x + y])  # which of the two runs' entries survived
+        err = (options - delta).abs()
+        choice = err.argmin(0)
+        assert bool((err.min(0).values <= 1e-5 + 1e-4 * delta.abs()).all()), k
+        informative = (x.abs() > 1e-6) & (y.abs() > 1e-6) & ((x - y).abs() > 1e-6)
+        kept0 += int(((choice == 1) | (choice == 3))[informative].sum())
+        total += int(informative.sum())
+    assert total > 1000 and abs(kept0 / total - (1 - p)) < 0.05
+
+
+def test_lines_scales_the_merged_vector_by_block_depth(farm):
+    """cnn_small's blocks features.0, features.1, features.3 get alpha, alpha + beta/2 and alpha + beta; its head
+    (after the last block) alpha + beta, as LiNeS's l = 1..L."""
+    names = ["d0", "d1"]
+    r = cli("soup", *(str(farm[n]) for n in names), "soup=task_arithmetic", "scale=1", "lines.alpha=0.2",
+            "lines.beta=0.6")  # fmt: skip
+    assert r.code == 0, r.text
+    soup = only_run("soup")
+    assert read_json(soup / "summary.json")["lines"] == {"alpha": 0.2, "beta": 0.6}
+    base, taus, keys = _deltas(farm, names)
+    depth = {"features.0.": 0.2, "features.1.": 0.5, "features.3.": 0.8, "fc.": 0.8}
+    merged = _weights(soup)
+    for k in keys:
+        scale = next(v for prefix, v in depth.items() if k.startswith(prefix))
+        torch.testing.assert_close(merged[k], base[k] + scale * (taus[0][k] + taus[1][k]), rtol=0, atol=1e-6)
+
+
+def test_merging_settings_and_families_are_checked_before_any_work(farm, tmp_path):
+    runs = [str(farm["d0"]), str(farm["d1"])]
+    cases = {
+        ("soup=ties", "soup.density=0"): "density=0: soup=ties keeps this fraction of each task vector",
+        ("soup=ties", "density=1.5"): "must be in (0, 1]",
+        ("soup=dare", "drop_rate=1"): "drop_rate=1: soup=dare drops task-vector entries",
+        ("soup=ties", "lines.alpha=0.5"): "LiNeS needs both, as numbers",
+        ("soup=uniform", "lines.alpha=0.5", "lines.beta=0.5"): "LiNeS scales task vectors: use soup=task_arithmetic",
+        ("soup=tie",): "did you mean ties?",
+    }
+    for args, message in cases.items():
+        r = cli("soup", *runs, *args)
+        assert r.code == 2 and message in r.err, (args, r.err)
+    gpt = ["model=gpt", "data=python_docs", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+           "data.block_size=32", "data.windows_per_epoch=32", "trainer.epochs=1", "trainer.progress=false",
+           f"runs_dir={tmp_path}"]  # fmt: skip
+    assert cli("train", *gpt).code == 0
+    r = cli("soup", runs[0], str(only_run("train", tmp_path)), "soup=ties")
+    assert r.code == 2 and "soup ingredients need the same model" in r.err and "Traceback" not in r.text, r.text
+    assert not (Path("runs") / "soup").exists()

@@ -42,8 +42,8 @@ from modrun.core.runfolder import (
 from modrun.core.summary import direction_of
 from modrun.engine.evaluation import evaluate
 from modrun.methods.soup import merge
-from modrun.methods.soup.inputs import expand_runs, settings, split_args
-from modrun.methods.soup.merge import check_layer_scales, find_base
+from modrun.methods.soup.inputs import MERGES, expand_runs, settings, split_args
+from modrun.methods.soup.merge import check_layer_scales, check_lines, find_base
 
 log = logging.getLogger("modrun")
 # data keys that change how a run trained, not what it is evaluated on
@@ -176,7 +176,7 @@ def soup_runs(args: list[str]) -> int:
     check_compatible(ings)
     masks = shared_masks(ings)
     base = None
-    if cfg.soup == "task_arithmetic":  # the base the task vectors start from must fit the runs too
+    if cfg.soup in MERGES:  # the base the task vectors start from must fit the runs too
         base = load_ingredient(find_base(cfg, ings))
         check_compatible([base, *ings])
         check_layer_scales(cfg, base["state"])
@@ -189,6 +189,8 @@ def soup_runs(args: list[str]) -> int:
         trusted_imports(ing["cfg"], given, ing["run"] / "config.yaml")
     seed_everything(int(cfg.seed))
     model, score = make_scorer(src, runs[0], ings[0]["state"], str(cfg.device))
+    blocks = tuple(getattr(model, "feature_layers", ()) or ())
+    check_lines(cfg, blocks)
     # the soup records where its model and data came from, so `modrun eval` rebuilds it from this folder
     extra = {"imports": src.imports} if src.get("imports") else {}
     record = OmegaConf.merge(cfg, {"ingredients": list(map(str, runs)), "model": src.model, "data": src.data}, extra)
@@ -218,9 +220,9 @@ def soup_runs(args: list[str]) -> int:
             if base is None:
                 soup = cook(cfg, rows, [ing["state"] for ing in ings], score)
             else:
-                soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score)
+                soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score, blocks)
                 soup = {k: v * masks[k] if k in masks else v for k, v in soup.items()}  # a shared mask stays
-                merged.update(base=str(base["run"]), scale=scale)
+                merged.update(base=str(base["run"]), scale=scale, **_method_settings(cfg))
             for key, mask in masks.items():  # averaging keeps zeros; checked, since the mask is the point
                 if bool(soup[key][~mask].any()):
                     raise RuntimeError(f"the soup lost the shared sparsity mask in {key}")
@@ -254,6 +256,15 @@ def soup_runs(args: list[str]) -> int:
         log.info(f"completed: {run_dir}")
     _print_table(rows, final, cfg, metric, run_dir)
     return 0
+
+
+def _method_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What summary.json records of the merging method beside the base and the scale."""
+    out: dict[str, Any] = {"density": cfg.density} if cfg.soup == "ties" else {}
+    out.update({"drop_rate": cfg.drop_rate, "seed": cfg.seed} if cfg.soup == "dare" else {})
+    if cfg.lines.alpha is not None:
+        out["lines"] = {"alpha": cfg.lines.alpha, "beta": cfg.lines.beta}
+    return out
 
 
 def _status(run: Path) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from modrun.core.errors import UserError, did_you_mean
 from modrun.core.records import inside, read_json
 from modrun.core.values import DEVICE, is_number, suggest_key, type_problem
 
-SOUPS = ("uniform", "greedy", "task_arithmetic")
+SOUPS = ("uniform", "greedy", "task_arithmetic", "ties", "dare")
+MERGES = ("task_arithmetic", "ties", "dare")  # soups of task vectors against a common base
+ALIASES = {"soup.density": "density", "soup.drop_rate": "drop_rate"}  # `soup=ties soup.density=0.2` reads well
 OBJECTIVES = ("val/top1", "val/top5", "val/loss", "val/bpb", "val/ppl")  # the ones the ingredients' task reports
 
 
@@ -25,9 +27,11 @@ def defaults() -> DictConfig:
 def settings(overrides: list[str]) -> DictConfig:
     """soup.yaml with `key=value` overrides, checked: unknown keys, types and choices are bad input."""
     cfg, errors = defaults(), []
-    known = set(cfg)
+    known = {*cfg, "lines.alpha", "lines.beta"}
     for o in overrides:
         key = o.split("=", 1)[0]
+        if key in ALIASES:
+            key, o = ALIASES[key], ALIASES[key] + o[len(key) :]
         if key.startswith("layer_scales.") and key.count(".") >= 1:  # a module path: layer_scales.layers.0=0.5
             value = OmegaConf.from_dotlist([o])
             scale = OmegaConf.select(value, key)
@@ -39,20 +43,37 @@ def settings(overrides: list[str]) -> DictConfig:
         if key not in known:
             errors.append(f"unknown key {key}{suggest_key(key, known)}")
             continue
-        value = OmegaConf.from_dotlist([o])[key]
-        problem = type_problem(cfg[key], value)
+        value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+        problem = type_problem(OmegaConf.select(cfg, key), value)
         if problem:
             errors.append(f"{o}: {problem}")
         else:
-            cfg[key] = value
+            OmegaConf.update(cfg, key, value)
     for key, choices in (("soup", SOUPS), ("objective", OBJECTIVES)):
         if not errors and cfg[key] not in choices and not (key == "objective" and cfg[key] is None):
             errors.append(f"{key}={cfg[key]}: expected one of {', '.join(choices)}{did_you_mean(cfg[key], choices)}")
+    if not errors:
+        errors += _merge_problems(cfg)
     if not errors and not DEVICE.match(str(cfg.device)):
         errors.append(f"device={cfg.device}: expected auto, cpu, cuda, cuda:N or mps")
     if errors:
         raise UserError(*errors)
     return cfg
+
+
+def _merge_problems(cfg: DictConfig) -> list[str]:
+    """The merging methods' own settings: TIES's density, DARE's drop rate, LiNeS's alpha and beta."""
+    density, drop, lines = cfg.density, cfg.drop_rate, cfg.lines
+    if cfg.soup == "ties" and not (is_number(density) and 0 < density <= 1):
+        return [f"density={density}: soup=ties keeps this fraction of each task vector; must be in (0, 1]"]
+    if cfg.soup == "dare" and not (is_number(drop) and 0 <= drop < 1):
+        return [f"drop_rate={drop}: soup=dare drops task-vector entries with this probability; must be in [0, 1)"]
+    given = [k for k in ("alpha", "beta") if lines.get(k) is not None]
+    if given and (len(given) == 1 or not all(is_number(lines[k]) for k in given)):
+        return [f"lines.alpha={lines.get('alpha')} lines.beta={lines.get('beta')}: LiNeS needs both, as numbers"]
+    if given and cfg.soup not in MERGES:
+        return [f"lines.alpha: LiNeS scales task vectors: use soup={' | '.join(MERGES)}, not soup={cfg.soup}"]
+    return []
 
 
 def split_args(args: list[str]) -> tuple[list[Path], list[str]]:

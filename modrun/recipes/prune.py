@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.components.build import build_data, build_model, model_from_run, resolve_device
-from modrun.components.data.base import Preprocess
+from modrun.components.data.base import Preprocess, batches
 from modrun.components.shapes import SHAPES_FILE, changed_shapes, layer_shapes
 from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
 from modrun.core.checkpoint import seed_everything
@@ -94,17 +95,14 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         write_json(run_dir / "source.json", record)
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     prep, eval_bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
-    dense_cost = {
-        **measure(dense, data.channels, data.image_size),
-        "test_top1": evaluate(dense, data.test, prep, eval_bs, device)["top1"],
-    }
+    dense_cost = {**measure(dense, data), **_test_scores(evaluate(dense, data.test, prep, eval_bs, device))}
 
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))  # the same start, source trained here or not
     p = cfg.prune
     targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
-    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
+    example = data.example(1, device)  # an image, or a window of tokens
     args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir)
+    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir, _calibration(cfg, data, prep))
     pruner = PRUNERS.get(p.name)(ctx, **args)
     if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
         result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
@@ -145,16 +143,17 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         result = run_rounds(pruner, train, int(cfg.seed), device) if isinstance(pruner, IMPPruner) else train()
     pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
     save_weights(run_dir, model)
-    pruned_cost = {**measure(model, data.channels, data.image_size), "test_top1": result["final"]["test/top1"]}
+    final = {k.removeprefix("test/"): v for k, v in result["final"].items() if k.startswith("test/")}
+    pruned_cost = {**measure(model, data), **_test_scores(final)}
     if not is_main():  # rank 0 reports for the run; timing on every process at once would slow them all
         return result
-    timed = latencies({"dense": dense, "pruned": model}, data.channels, data.image_size, device)
+    timed = latencies({"dense": dense, "pruned": model}, data, device)
     dense_cost.update(timed["dense"])
     pruned_cost.update(timed["pruned"])
     print_report(dense_cost, pruned_cost, pruner.structured)
     return {
         **result,
-        **{k: v for k, v in pruned_cost.items() if k != "test_top1"},
+        **{k: v for k, v in pruned_cost.items() if not k.startswith("test_")},
         "dense": dense_cost,
         "pruned": pruned_cost,
         "speedup_cpu_b64": dense_cost["latency_ms_cpu_b64"] / pruned_cost["latency_ms_cpu_b64"],
@@ -162,6 +161,25 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         "structured": pruner.structured,
         **({} if pruner.structured else {"note": NOTE_UNSTRUCTURED}),
     }
+
+
+def _calibration(cfg: DictConfig, data: Any, prep: Preprocess) -> Any:
+    """The inputs of the first n shuffled training batches (epoch 0 of the run's own order), every time alike."""
+
+    def first(n: int) -> Any:
+        def inputs() -> Iterator[torch.Tensor]:
+            order = batches(data.train, int(cfg.data.batch_size), seed=int(cfg.seed), shuffle=True, device=prep.device)
+            for _, (x, _, _) in zip(range(n), order, strict=False):
+                yield prep(x)
+
+        return inputs
+
+    return first
+
+
+def _test_scores(scores: dict[str, float]) -> dict[str, float]:
+    """The test metrics the cost report shows beside the costs: top-1 for images, loss and bpb for text."""
+    return {f"test_{k}": v for k, v in scores.items() if k in ("top1", "loss", "bpb")}
 
 
 # the pruned model's cost (report.measure, report.latencies), and sensitivity's findings

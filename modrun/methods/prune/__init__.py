@@ -11,6 +11,9 @@ PRUNERS.lazy(
     "gradual_magnitude", f"{_U}:gradual_magnitude", "magnitude pruning on the cubic schedule of Zhu & Gupta 2017"
 )
 PRUNERS.lazy(
+    "wanda", "modrun.methods.prune.wanda:wanda", "|weight| x input-activation norm per output row, or N:M (Sun 2024)"
+)
+PRUNERS.lazy(
     "imp", "modrun.methods.prune.imp:imp", "iterative magnitude pruning with weight rewinding (Frankle et al.)"
 )
 PRUNERS.lazy(

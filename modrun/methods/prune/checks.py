@@ -68,10 +68,12 @@ def pruner_problems(cfg: DictConfig, node: DictConfig, shapes: dict | None) -> l
     try:
         targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
         args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-        example = torch.zeros(1, int(d.channels), int(d.image_size), int(d.image_size), device="meta")
-        ctx = PruneContext(
-            model, targets, int(cfg.seed), example, int(d.num_classes), Path(str(cfg.runs_dir)).expanduser()
-        )
+        if d.get("task") == "language_modeling":  # a window of tokens, as Data.example gives
+            example = torch.zeros(1, int(d.block_size), dtype=torch.long, device="meta")
+        else:
+            example = torch.zeros(1, int(d.channels), int(d.image_size), int(d.image_size), device="meta")
+        classes = d.get("vocab_size") if d.get("task") == "language_modeling" else d.num_classes
+        ctx = PruneContext(model, targets, int(cfg.seed), example, int(classes), Path(str(cfg.runs_dir)).expanduser())
         with torch.random.fork_rng(devices=[]):  # a pruner may seed the global generator: leave it as it was
             PRUNERS.get(p.name)(ctx, **args)
     except UserError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class PruneContext:
     example: torch.Tensor  # one input batch (shape probing, dependency tracing)
     num_classes: int
     run_dir: Path  # where pruners that keep state on disk (IMP's rewind point) write
+    # n -> a fresh iterator over the model inputs of the first n training batches (Wanda's statistics)
+    calibration: Callable[[int], Callable[[], Iterable[torch.Tensor]]] | None = None
 
 
 def select_layers(model: nn.Module, include: list[str], exclude: list[str], types: list[str]) -> dict[str, nn.Module]:

@@ -22,10 +22,11 @@ NOTE_UNSTRUCTURED = (
 )
 
 
-def measure(model: nn.Module, channels: int, size: int) -> dict[str, Any]:
-    """What a model costs to store and to run, counted (not timed)."""
+def measure(model: nn.Module, data: Any) -> dict[str, Any]:
+    """What a model costs to store and to run, counted (not timed), on one example of the data (an image, or a
+    window of block_size tokens)."""
     cpu_model = copy.deepcopy(model).cpu().eval()
-    example = torch.zeros(1, channels, size, size)
+    example = data.example(1, "cpu")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {
         **cost.count_params(model),
@@ -35,7 +36,7 @@ def measure(model: nn.Module, channels: int, size: int) -> dict[str, Any]:
     }
 
 
-def latencies(models: dict[str, nn.Module], channels: int, size: int, device: torch.device, rounds: int = 5) -> dict:
+def latencies(models: dict[str, nn.Module], data: Any, device: torch.device, rounds: int = 5) -> dict:
     """Median forward latency of each model at batch 1 and 64, on CPU (and CUDA when used). The models are
     timed in alternating rounds so that a noisy machine slows them alike; the median of the rounds is kept."""
     results: dict[str, dict[str, list[float]]] = {name: {} for name in models}
@@ -43,7 +44,7 @@ def latencies(models: dict[str, nn.Module], channels: int, size: int, device: to
     copies = {name: {d: copy.deepcopy(m).to(d).eval() for d, _ in setups} for name, m in models.items()}
     for _ in range(rounds):
         for d, batch in setups:
-            x = torch.zeros(batch, channels, size, size, device=d)
+            x = data.example(batch, d)
             for name in models:
                 key = f"latency_ms_{d}_b{batch}"
                 results[name].setdefault(key, []).append(cost.latency_ms(copies[name][d], x, repeats=10, warmup=2))
@@ -84,6 +85,8 @@ def print_report(dense: dict[str, Any], pruned: dict[str, Any], structured: bool
         ("CPU latency b64 (ms)", "latency_ms_cpu_b64"),
         ("CUDA latency b64 (ms)", "latency_ms_cuda_b64"),
         ("test top-1 (%)", "test_top1"),
+        ("test loss", "test_loss"),
+        ("test bits per byte", "test_bpb"),
     ]
     for label, key in rows:
         if key in dense and key in pruned:

@@ -59,9 +59,16 @@ class Data:
 
     def example(self, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
         """A model input of `batch` samples: C x H x W images, or windows of block_size tokens."""
-        if self.task.name == "language_modeling":
-            return torch.zeros(batch, self.block_size, dtype=torch.long, device=device)
-        return torch.zeros(batch, self.channels, self.image_size, self.image_size, device=device)
+        return example_input(self.task.name, batch, device, self.channels, self.image_size, self.block_size)
+
+
+def example_input(
+    task: str, batch: int, device: torch.device | str, channels: int, image_size: int, block_size: int
+) -> torch.Tensor:
+    """Zeros shaped as a model's input (also from a config alone, on the meta device, before data is loaded)."""
+    if task == "language_modeling":
+        return torch.zeros(batch, block_size, dtype=torch.long, device=device)
+    return torch.zeros(batch, channels, image_size, image_size, device=device)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -52,6 +52,7 @@ def pruner_problems(cfg: DictConfig, node: DictConfig, shapes: dict | None) -> l
     schedule, a layer selection that matches nothing) are checked before a source model is trained."""
     import torch
 
+    from modrun.components.data.base import example_input
     from modrun.components.drybuild import build_on_meta
     from modrun.core.registry import PRUNERS
     from modrun.methods.prune import RUNNER_KEYS
@@ -68,11 +69,10 @@ def pruner_problems(cfg: DictConfig, node: DictConfig, shapes: dict | None) -> l
     try:
         targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
         args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-        if d.get("task") == "language_modeling":  # a window of tokens, as Data.example gives
-            example = torch.zeros(1, int(d.block_size), dtype=torch.long, device="meta")
-        else:
-            example = torch.zeros(1, int(d.channels), int(d.image_size), int(d.image_size), device="meta")
-        classes = d.get("vocab_size") if d.get("task") == "language_modeling" else d.num_classes
+        text = d.get("task") == "language_modeling"
+        sizes = [int(d.get(k) or 0) for k in ("channels", "image_size", "block_size")]
+        example = example_input(str(d.get("task")), 1, "meta", *sizes)
+        classes = d.get("vocab_size") if text else d.num_classes
         ctx = PruneContext(model, targets, int(cfg.seed), example, int(classes), Path(str(cfg.runs_dir)).expanduser())
         with torch.random.fork_rng(devices=[]):  # a pruner may seed the global generator: leave it as it was
             PRUNERS.get(p.name)(ctx, **args)

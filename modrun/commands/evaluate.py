@@ -88,6 +88,36 @@ def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str
     return size, rest
 
 
+def skipped_blocks(overrides: list[str]) -> tuple[list[int], list[str]]:
+    """`skip=[2,3]`: the blocks evaluated as if absent (test-time layer skipping)."""
+    picked, rest = take_overrides(overrides, ("skip",))
+    if "skip" not in picked:
+        return [], overrides
+    import yaml
+
+    try:
+        value = yaml.safe_load(picked["skip"])
+    except yaml.YAMLError:
+        value = None
+    value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+        raise UserError(f"skip={picked['skip']}: expected block indices, e.g. skip=[2,3]")
+    return sorted(set(value)), rest
+
+
+def skip_blocks(model: object, skip: list[int]) -> list:
+    """Hooks that make the model's blocks `skip` hand their input on; a block that does not exist is an error."""
+    from modrun.methods.prune.depth import model_blocks, skip_hooks
+
+    blocks = model_blocks(model, "skip")
+    bad = [i for i in skip if not 0 <= i < len(blocks)]
+    if bad:
+        raise UserError(f"skip={skip}: block {bad[0]} does not exist; this model has blocks 0..{len(blocks) - 1}")
+    if len(skip) == len(blocks):
+        raise UserError(f"skip={skip}: would skip every block; keep at least one")
+    return skip_hooks([(blocks[i][1], False) for i in skip])
+
+
 def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", config_dir: Path | None = None) -> dict:
     import torch
 
@@ -106,6 +136,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
     # a soup has no Hydra config of its own: group overrides (data=...) compose as for a training run
     command = command if command in ("train", "distill", "prune", "stitch") else "train"
     size, overrides = nested_size(cfg, overrides)
+    skip, overrides = skipped_blocks(overrides)
     point = None
     if command == "stitch":  # stitch.point=k: one stitched model of the run (default: its eval point)
         from modrun.methods.stitch.load import stitch_point
@@ -128,9 +159,12 @@ def evaluate_run(run_dir: Path, overrides: list[str], weights: str = "final", co
         from modrun.methods.nested.subnet import export
 
         model = export(run_dir, cfg, model, size, data, prep, weights)
+    hooks = skip_blocks(model, skip) if skip else []  # test-time depth: nothing of the run is changed
     with torch.no_grad():
         results = {split: evaluate(model, getattr(data, split), prep, bs, device) for split in ("val", "test")}
-    return _report(run_dir, results, weights, overrides, size, point)
+    for h in hooks:
+        h.remove()
+    return _report(run_dir, results, weights, overrides, size, point, skip)
 
 
 def _model_and_weights(
@@ -162,7 +196,9 @@ def _model_and_weights(
     return model, state
 
 
-def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], size: object, point: int | None) -> dict:
+def _report(
+    run_dir: Path, results: dict, weights: str, overrides: list[str], size: object, point: int | None, skip: list[int]
+) -> dict:
     """Append the scores to evals.jsonl and print them (with the recorded final score where comparable)."""
     from modrun.core.records import section, try_json
     from modrun.methods.nested.subnet import size_row
@@ -173,15 +209,18 @@ def _report(run_dir: Path, results: dict, weights: str, overrides: list[str], si
         "overrides": overrides,
         **({"nested": size_row(size)} if size is not None else {}),
         **({"stitch.point": point} if point is not None else {}),
+        **({"skip": skip} if skip else {}),
         **{f"{s}/{k}": v for s, r in results.items() for k, v in r.items()},
     }
     append_line(run_dir / "evals.jsonl", json.dumps(record))
     columns = list(next(iter(results.values())))  # the task's metrics: top1/top5, or ppl/bpb for text
-    table = Table("split", *columns, title=f"{run_dir} ({weights} weights)")
+    skipped = f", blocks {skip} skipped" if skip else ""
+    table = Table("split", *columns, title=f"{run_dir} ({weights} weights{skipped})")
     for split, r in results.items():
         table.add_row(split, *(f"{r[k]:.4f}" if k in ("loss", "bpb") else f"{r[k]:.2f}" for k in columns))
     Console().print(table)
-    if (run_dir / "summary.json").exists() and not overrides and size is None and point is None and weights == "final":
+    plain = not overrides and size is None and point is None and not skip and weights == "final"
+    if (run_dir / "summary.json").exists() and plain:
         key = "test/bpb" if "bpb" in columns else "test/top1"
         recorded = section(try_json(run_dir / "summary.json")[0], "final").get(key)
         if isinstance(recorded, (int, float)):

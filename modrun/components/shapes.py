@@ -9,13 +9,13 @@ from typing import Any
 
 from torch import nn
 
-from modrun.components.models.stages import PrefixLinear
+from modrun.components.models.stages import Passthrough, PrefixLinear, ZeroBranch
 
 SHAPES_FILE = "model_shapes.json"
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The channel counts of every conv, linear and batch-norm layer."""
+    """The channel counts of every conv, linear and batch-norm layer; the blocks and branches depth pruning removed."""
     shapes: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -30,6 +30,10 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
             shapes[name] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.BatchNorm2d):
             shapes[name] = {"type": "BatchNorm2d", "num_features": m.num_features}
+        elif isinstance(m, Passthrough):
+            shapes[name] = {"type": "Passthrough"}
+        elif isinstance(m, ZeroBranch):
+            shapes[name] = {"type": "ZeroBranch", "pair": m.pair}
     return shapes
 
 
@@ -58,6 +62,10 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Modu
             new = kind(s["in_features"], s["out_features"], old.bias is not None)
         elif s["type"] == "BatchNorm2d":
             new = nn.BatchNorm2d(s["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
+        elif s["type"] == "Passthrough":
+            new = Passthrough()
+        elif s["type"] == "ZeroBranch":
+            new = ZeroBranch(bool(s.get("pair", False)))
         else:
             raise ValueError(f"{SHAPES_FILE}: unknown layer type {s['type']} at {name}")
         model.set_submodule(name, new.to(next(old.parameters(), None).device if list(old.parameters()) else "cpu"))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modrun.components.build import build_data, build_model, model_from_run, resolve_device
 from modrun.components.data.base import Preprocess, batches
+from modrun.components.data.tasks import split_task
 from modrun.components.shapes import SHAPES_FILE, changed_shapes, layer_shapes
 from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
 from modrun.core.checkpoint import seed_everything
@@ -102,7 +103,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
     example = data.example(1, device)  # an image, or a window of tokens
     args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir, _calibration(cfg, data, prep))
+    calib = _calibration(cfg, data, prep), _calibration_loss(cfg, data, prep, model)
+    ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir, *calib)
     pruner = PRUNERS.get(p.name)(ctx, **args)
     if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
         result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
@@ -115,7 +117,7 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         if is_main():
             atomic_write(run_dir / SHAPES_FILE, json.dumps(shapes, indent=2) + "\n")
         log.info(
-            f"channel pruning changed {len(shapes)} layers; parameters {dense_cost['params']:,} -> "
+            f"prune={p.name} changed {len(shapes)} modules; parameters {dense_cost['params']:,} -> "
             f"{sum(q.numel() for q in model.parameters()):,}"
         )
 
@@ -159,22 +161,35 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         "speedup_cpu_b64": dense_cost["latency_ms_cpu_b64"] / pruned_cost["latency_ms_cpu_b64"],
         "layer_sparsity": pruner.layer_sparsity(),
         "structured": pruner.structured,
+        **({"depth": pruner.record()} if hasattr(pruner, "record") else {}),
         **({} if pruner.structured else {"note": NOTE_UNSTRUCTURED}),
     }
 
 
+def _first_batches(cfg: DictConfig, data: Any, prep: Preprocess, n: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The first n shuffled training batches (epoch 0 of the run's own order), model-ready, every time alike."""
+    order = batches(data.train, int(cfg.data.batch_size), seed=int(cfg.seed), shuffle=True, device=prep.device)
+    for _, (x, y, _) in zip(range(n), order, strict=False):
+        yield prep(x), y
+
+
 def _calibration(cfg: DictConfig, data: Any, prep: Preprocess) -> Any:
-    """The inputs of the first n shuffled training batches (epoch 0 of the run's own order), every time alike."""
+    """n -> a fresh iterator over the inputs of the first n training batches (Wanda's, depth pruning's)."""
+    return lambda n: lambda: (x for x, _ in _first_batches(cfg, data, prep, n))
 
-    def first(n: int) -> Any:
-        def inputs() -> Iterator[torch.Tensor]:
-            order = batches(data.train, int(cfg.data.batch_size), seed=int(cfg.seed), shuffle=True, device=prep.device)
-            for _, (x, _, _) in zip(range(n), order, strict=False):
-                yield prep(x)
 
-        return inputs
+def _calibration_loss(cfg: DictConfig, data: Any, prep: Preprocess, model: torch.nn.Module) -> Any:
+    """n -> the model's mean task loss (per item) over the first n training batches, as the model is now."""
 
-    return first
+    def loss(n: int) -> float:
+        task, total, count = split_task(data.train), 0.0, 0
+        with torch.no_grad():
+            for x, y in _first_batches(cfg, data, prep, n):
+                total += float(task.loss(model(x), y)) * y.numel()
+                count += y.numel()
+        return total / max(count, 1)
+
+    return loss
 
 
 def _test_scores(scores: dict[str, float]) -> dict[str, float]:

@@ -27,3 +27,28 @@ class PrefixLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x[:, : self.in_features], self.weight, self.bias)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block or sublayer was called with: first positional, or `hidden_states=` (HF)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class Passthrough(nn.Module):
+    """A removed block (depth pruning): hands its input hidden states on, whatever else it is called with."""
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return _hidden(args, kwargs)
+
+
+class ZeroBranch(nn.Module):
+    """A removed residual branch (an attention or MLP sublayer): adds nothing to the stream. `pair`: the branch
+    returned (output, attention weights), as Hugging Face attention modules do."""
+
+    def __init__(self, pair: bool = False) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor | tuple:
+        zeros = torch.zeros_like(_hidden(args, kwargs))
+        return (zeros, None) if self.pair else zeros

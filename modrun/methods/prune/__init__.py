@@ -20,6 +20,9 @@ PRUNERS.lazy(
     "sensitivity", "modrun.methods.prune.sensitivity:sensitivity", "per-layer sensitivity table, plot, suggestions"
 )
 PRUNERS.lazy(
+    "layers", "modrun.methods.prune.depth:layers", "remove whole blocks or attention/MLP sublayers (Gromov, ShortGPT)"
+)
+PRUNERS.lazy(
     "channel", "modrun.methods.prune.structured:channel", "structured channel pruning via Torch-Pruning (Fang 2023)"
 )
 

@@ -25,6 +25,8 @@ class PruneContext:
     run_dir: Path  # where pruners that keep state on disk (IMP's rewind point) write
     # n -> a fresh iterator over the model inputs of the first n training batches (Wanda's statistics)
     calibration: Callable[[int], Callable[[], Iterable[torch.Tensor]]] | None = None
+    # n -> the model's mean task loss over those n batches, as it is now (depth pruning's `loss` score)
+    calibration_loss: Callable[[int], float] | None = None
 
 
 def select_layers(model: nn.Module, include: list[str], exclude: list[str], types: list[str]) -> dict[str, nn.Module]:

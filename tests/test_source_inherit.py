@@ -91,3 +91,13 @@ def test_recorded_values_read_back_as_themselves(value):
         return
     o = OverridesParser.create().parse_overrides([f"data.x={_hydra_value(value, 'data.x')}"])[0]
     assert o.value() == value
+
+
+def test_distill_takes_the_teacher_runs_architecture():
+    teacher = _lm_source("t", "model.n_layer=2")
+    r = cli("validate", "distill", *TINY, f"teacher.run={teacher}")
+    assert r.code == 0, r.text  # before: the packaged model@teacher (a CNN) was checked against text data
+    cfg = yaml.safe_load(r.out)
+    assert cfg["teacher"]["name"] == "gpt" and cfg["teacher"]["n_layer"] == 2 and cfg["teacher"]["run"] == str(teacher)
+    r = cli("validate", "distill", *TINY, f"teacher.run={teacher}", "model@teacher=cnn_small")
+    assert r.code == 2 and "classifies images" in r.text  # a teacher architecture the user named stays theirs

@@ -12,6 +12,8 @@ from torch import nn
 from modrun.components.models.stages import Passthrough, PrefixLinear, ZeroBranch
 
 SHAPES_FILE = "model_shapes.json"
+# head counts of attention modules (modrun's, Hugging Face's) that structured pruning of whole heads changes
+HEAD_ATTRIBUTES = ("heads", "num_heads", "num_key_value_heads", "num_key_value_groups")
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -30,6 +32,8 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
             shapes[name] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, nn.BatchNorm2d):
             shapes[name] = {"type": "BatchNorm2d", "num_features": m.num_features}
+        elif "Attention" in type(m).__name__ and any(isinstance(getattr(m, a, None), int) for a in HEAD_ATTRIBUTES):
+            shapes[name] = {"type": "Attention", **{a: getattr(m, a) for a in HEAD_ATTRIBUTES if hasattr(m, a)}}
         elif isinstance(m, Passthrough):
             shapes[name] = {"type": "Passthrough"}
         elif isinstance(m, ZeroBranch):
@@ -45,6 +49,13 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]]) -> nn.Modu
     """Replace the layers named in `shapes` with fresh ones of the recorded sizes (weights are loaded after)."""
     for name, s in shapes.items():
         old = model.get_submodule(name)
+        if s["type"] == "Attention":  # the module stays; its head counts follow its pruned projections
+            for key, value in s.items():
+                if key != "type" and (key not in HEAD_ATTRIBUTES or not hasattr(old, key) or type(value) is not int):
+                    raise ValueError(f"{SHAPES_FILE}: {name}.{key}={value!r} is not a head count of that module")
+                if key != "type":
+                    setattr(old, key, value)
+            continue
         if s["type"] == "Conv2d":
             new = nn.Conv2d(
                 s["in_channels"],

@@ -1,6 +1,7 @@
 """`source.run=RUN` brings its model and data: a pruned or grown model must see the data (tokenizer, block size,
 image size) it was trained on, so the groups the user did not choose are written out as the overrides that
-rebuild the source run's own `model` and `data` nodes. The user's own overrides come after and win."""
+rebuild the source run's own `model` and `data` nodes; `teacher.run=RUN` brings the teacher's architecture
+(model@teacher) alike. The user's own overrides come after and win."""
 
 from __future__ import annotations
 
@@ -14,40 +15,49 @@ from modrun.core.errors import UserError
 from modrun.core.records import read_text
 from modrun.runner.compose import Composer
 
-INHERITED = ("model", "data")
+# a run key -> (group, package, the recorded node it rebuilds) for each group it brings
+INHERITED = {
+    "source.run": (("model", "", "model"), ("data", "", "data")),  # prune, grow: the model and what it read
+    "teacher.run": (("model", "teacher", "model"),),  # distill: the teacher's architecture (the data is the student's)
+}
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def with_source(composer: Composer, overrides: list[str]) -> list[str]:
-    """`overrides` with the source run's model and data choices put first (once: lines it wrote are choices).
+    """`overrides` with the source (teacher) run's group choices put first (once: lines it wrote are choices).
     A sweep over source.run inherits alike from every run it names, or names model= and data= itself."""
     parsed = composer.parse(overrides)
-    runs = [o for o in parsed if o.key_or_group == "source.run"]
-    chosen = {o.key_or_group for o in parsed if not o.is_hydra_override()}
-    groups = [g for g in INHERITED if g not in chosen and "experiment" not in chosen]
-    if not runs or not groups:
-        return overrides
-    o = runs[-1]
-    values = list(getattr(o.value(), "list", [])) if o.is_sweep_override() else [o.value()]
+    if any(o.key_or_group == "experiment" for o in parsed):
+        return overrides  # a recipe chooses its own groups
+    chosen = {(o.key_or_group, o.package or "") for o in parsed if not o.is_hydra_override()}
     given = {o.key_or_group for o in parsed}
-    found = {tuple(_inherited(composer, run, groups, given)) for run in values if isinstance(run, str) and run}
-    if len(found) > 1:
-        raise UserError("source.run: the runs swept were trained on different models or data; name model= and data=")
-    return [*(found.pop() if found else ()), *overrides]
+    lines: list[str] = []
+    for key, groups in INHERITED.items():
+        runs = [o for o in parsed if o.key_or_group == key]
+        todo = [(g, pkg, node) for g, pkg, node in groups if (g, pkg) not in chosen]
+        if not runs or not todo:
+            continue
+        o = runs[-1]
+        values = list(getattr(o.value(), "list", [])) if o.is_sweep_override() else [o.value()]
+        found = {tuple(_inherited(composer, run, todo, given)) for run in values if isinstance(run, str) and run}
+        if len(found) > 1:
+            raise UserError(f"{key}: the runs swept were trained on different models or data; name the groups")
+        lines += found.pop() if found else ()
+    return [*lines, *overrides]
 
 
-def _inherited(composer: Composer, run: str, groups: list[str], given: set[str]) -> list[str]:
+def _inherited(composer: Composer, run: str, groups: list[tuple[str, str, str]], given: set[str]) -> list[str]:
     record, lines = _recorded(Path(run)), []
-    for group in groups if record is not None else []:
-        node = record.get(group)
+    for group, package, recorded in groups if record is not None else []:
+        node = record.get(recorded)
         if not isinstance(node, DictConfig) or not isinstance(node.get("name"), str):
             continue
         if node.name not in composer.options(group):
             continue  # a component of one's own under another option name: the checks compare it as before
-        option = f"{group}={node.name}"
+        option = f"{group}@{package}={node.name}" if package else f"{group}={node.name}"
         lines.append(option)
         default = OmegaConf.to_container(composer.compose([option]), resolve=False)
-        for key, value, text in _leaves(OmegaConf.to_container(node, resolve=False), group):
+        for key, value, text in _leaves(OmegaConf.to_container(node, resolve=False), package or group):
             old = _get(default, key)
             if key not in given and old != value:  # only what differs from the option's own defaults
                 lines.append(f"{'++' if old is _ABSENT else ''}{key}={text}")

@@ -31,7 +31,8 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"the width ({dim}) must be a multiple of the number of heads ({heads})")
-        self.heads, self.causal, self.dropout = heads, causal, dropout
+        # heads x head_dim may be narrower than dim once whole heads are pruned (qkv and proj then shrink)
+        self.heads, self.head_dim, self.causal, self.dropout = heads, dim // heads, causal, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.rotary = rotary_length > 0
@@ -44,17 +45,17 @@ class Attention(nn.Module):
 
     def matmul_macs(self, x: torch.Tensor) -> int:
         """q @ k^T and weights @ v over all T x T pairs (the dense count; a causal kernel may skip half)."""
-        b, t, d = x.shape
-        return 2 * b * t * t * d
+        b, t, _ = x.shape
+        return 2 * b * t * t * self.heads * self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary:
             q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):

@@ -1,5 +1,9 @@
 """Structured channel pruning through Torch-Pruning's dependency graph: coupled layers (a conv, its BN,
-the next conv's inputs, residual partners) lose the same channels, and the result is a dense, smaller model."""
+the next conv's inputs, residual partners) lose the same channels, and the result is a dense, smaller model.
+
+On a transformer (a model whose blocks hold attention), `ratio` of every block's attention heads (whole heads:
+their q, k, v rows and output-projection columns) and of its MLP hidden neurons are removed; the residual
+stream's width (embeddings, norms, a tied head) and the vocabulary never shrink."""
 
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ class ChannelPruner:
             return id(m) not in targeted or (isinstance(m, nn.Linear) and m.out_features == self.num_classes)
 
         ignored = [m for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and keep(m)]
+        heads = transformer_heads(self.model)
+        if heads is not None:  # only heads and MLP neurons: every layer writing into the residual stream is kept
+            num_heads, prunable = heads
+            ignored = [m for m in self.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in prunable]
+            extra = {"num_heads": num_heads, "prune_num_heads": True, "prune_head_dims": False}
+            extra["head_pruning_ratio"] = self.ratio
         pruner = tp.pruner.MetaPruner(
             self.model,
             self.example,
@@ -49,8 +59,11 @@ class ChannelPruner:
             pruning_ratio=self.ratio,
             ignored_layers=ignored,
             global_pruning=self.global_pruning,
+            **(extra if heads is not None else {}),
         )
         pruner.step()
+        if heads is not None:
+            set_head_counts(self.model, pruner.num_heads)
 
     def after_step(self, step: int) -> None:
         pass
@@ -63,6 +76,42 @@ class ChannelPruner:
 
     def layer_sparsity(self) -> dict[str, float]:
         return {}
+
+
+# the MLP layers whose outputs are hidden neurons (modrun's, Llama-style gate and up)
+MLP_INPUTS = ("fc", "gate_proj", "up_proj")
+
+
+def transformer_heads(model: nn.Module) -> tuple[dict[nn.Module, int], list[nn.Module]] | None:
+    """{head projection: its head count} and the layers whose outputs may go (head projections, MLP inputs),
+    or None for a model without attention blocks."""
+    num_heads: dict[nn.Module, int] = {}
+    mlp: list[nn.Module] = []
+    for path in getattr(model, "feature_layers", ()) or ():
+        block = model.get_submodule(path)
+        for m in block.modules():
+            if "Attention" not in type(m).__name__:
+                continue
+            if isinstance(getattr(m, "qkv", None), nn.Linear):  # modrun's gpt / vit: one fused projection
+                num_heads[m.qkv] = int(m.heads)
+            elif isinstance(getattr(m, "q_proj", None), nn.Linear):  # Llama-style, grouped-query attention
+                kv = int(getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads)
+                num_heads.update({m.q_proj: int(m.config.num_attention_heads), m.k_proj: kv, m.v_proj: kv})
+        mlp += [m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in MLP_INPUTS]
+    if not num_heads and any("Attention" in type(m).__name__ for m in model.modules()):
+        raise UserError(f"prune=channel: the attention of {type(model).__name__} is neither modrun's (qkv) nor "
+                        "Llama-style (q_proj, k_proj, v_proj); its heads cannot be pruned whole")  # fmt: skip
+    return (num_heads, [*num_heads, *mlp]) if num_heads else None
+
+
+def set_head_counts(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
+    """After pruning: each attention module's head counts follow its projections (the forward reshapes by them)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv in num_heads:
+            m.heads = num_heads[m.qkv]
+        elif isinstance(getattr(m, "q_proj", None), nn.Linear) and m.q_proj in num_heads:
+            q, kv = num_heads[m.q_proj], num_heads[m.k_proj]
+            m.num_key_value_groups = q // kv
 
 
 def channel(

@@ -1,0 +1,104 @@
+"""prune=channel on transformers: whole attention heads and MLP neurons removed (the stream's width kept), the
+pruned model equal to a hand-written forward of the dense one restricted to what was kept, and the CLI."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAST, cli, only_run, read_json
+from test_lm import TINY
+
+from modrun.components.models.gpt import GPT
+from modrun.methods.prune.context import PruneContext
+from modrun.methods.prune.structured import channel
+
+
+def _pruned(importance: str = "l2", seed: int = 0) -> tuple[GPT, GPT, torch.Tensor]:
+    torch.manual_seed(seed)
+    dense = GPT(256, 32, n_layer=3, n_head=4, n_embd=64).eval()
+    model = copy.deepcopy(dense)
+    x = torch.randint(0, 256, (16, 32))
+    channel(PruneContext(model, {}, 0, x[:1], 256, Path(".")), ratio=0.5, importance=importance).start(0)
+    return dense, model, x
+
+
+def _kept_rows(dense: torch.Tensor, pruned: torch.Tensor) -> list[int]:
+    """Which rows of the dense matrix the pruned one kept (rows are distinct random vectors)."""
+    return [int((dense - row).abs().sum(1).argmin()) for row in pruned]
+
+
+def test_heads_and_neurons_go_whole_and_the_model_is_the_dense_one_restricted():
+    dense, model, x = _pruned()
+    hd = 16
+    h = dense.tok_emb(x) + dense.pos_emb(torch.arange(32))
+    for b_dense, b in zip(dense.blocks, model.blocks, strict=True):
+        assert b.attn.heads == 2 and b.attn.qkv.out_features == 3 * 2 * hd and b.mlp.fc.out_features == 128
+        q_rows = _kept_rows(b_dense.attn.qkv.weight[:64], b.attn.qkv.weight[: 2 * hd])
+        heads = sorted({r // hd for r in q_rows})
+        assert len(heads) == 2 and q_rows == [hh * hd + i for hh in heads for i in range(hd)]  # whole heads
+        neurons = _kept_rows(b_dense.mlp.fc.weight, b.mlp.fc.weight)
+        # the reference: the dense block with only those heads and neurons, written out
+        a = b_dense.ln1(h)
+        q, k, v = (a @ b_dense.attn.qkv.weight.T + b_dense.attn.qkv.bias).split(64, dim=-1)
+        outs = []
+        for hh in heads:
+            s = slice(hh * hd, (hh + 1) * hd)
+            outs.append(F.scaled_dot_product_attention(q[..., s], k[..., s], v[..., s], is_causal=True))
+        cols = [hh * hd + i for hh in heads for i in range(hd)]
+        h = h + torch.cat(outs, -1) @ b_dense.attn.proj.weight[:, cols].T + b_dense.attn.proj.bias
+        m = F.gelu(b_dense.ln2(h) @ b_dense.mlp.fc.weight[neurons].T + b_dense.mlp.fc.bias[neurons])
+        h = h + m @ b_dense.mlp.proj.weight[:, neurons].T + b_dense.mlp.proj.bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense.head(dense.ln_f(h)), atol=1e-5, rtol=1e-4)
+    assert model.tok_emb.weight.shape == (256, 64) and model.head.weight is model.tok_emb.weight  # still tied
+
+
+def test_l2_keeps_the_neurons_and_heads_of_largest_norm():
+    dense, model, _ = _pruned("l2", seed=1)
+    for b_dense, b in zip(dense.blocks, model.blocks, strict=True):
+        norms = b_dense.mlp.fc.weight.norm(dim=1)
+        assert sorted(_kept_rows(b_dense.mlp.fc.weight, b.mlp.fc.weight)) == sorted(norms.topk(128).indices.tolist())
+
+
+def _gpt_source() -> Path:
+    r = cli("train", *TINY, "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.epochs=1",
+            "runs_dir=src")  # fmt: skip
+    assert r.code == 0, r.text
+    return only_run(runs_dir=Path("src"))
+
+
+def test_width_pruning_a_gpt_through_the_cli_with_kd_recovery():
+    source = _gpt_source()
+    r = cli("prune", f"source.run={source}", "prune=channel", "recover=distill", "trainer.epochs=1",
+            "trainer.progress=false")  # fmt: skip
+    assert r.code == 0, r.text
+    run = only_run("prune")
+    shapes = read_json(run / "model_shapes.json")
+    assert shapes["blocks.0.attn"] == {"type": "Attention", "heads": 2}
+    assert shapes["blocks.1.mlp.fc"]["out_features"] == 128
+    summary = read_json(run / "summary.json")
+    assert summary["pruned"]["params"] < 0.6 * summary["dense"]["params"]
+    e = cli("eval", str(run))
+    assert e.code == 0 and f"{summary['final']['test/bpb']:.4f}" in e.text, e.text
+    # the pruned run teaches, and is pruned again, rebuilt from its record each time
+    assert cli("validate", "distill", *TINY, f"teacher.run={run}").code == 0
+    r = cli("prune", f"source.run={run}", "prune=layers", "recover=none", "runs_dir=again")
+    assert r.code == 0, r.text
+
+
+def test_width_pruning_a_vit():
+    r = cli("train", "model=vit", "data=digits", *FAST[:1], "model.depth=2", "model.dim=32", "model.heads=4",
+            "data.batch_size=64", "trainer.progress=false", "runs_dir=src")  # fmt: skip
+    assert r.code == 0, r.text
+    r = cli("prune", f"source.run={only_run(runs_dir=Path('src'))}", "prune=channel", "recover=none")
+    assert r.code == 0, r.text
+    shapes = read_json(only_run("prune") / "model_shapes.json")
+    assert shapes["blocks.0.attn"]["heads"] == 2 and "patch" not in " ".join(shapes)  # the stream keeps its width
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "0"])
+def test_a_ratio_removing_every_head_or_none_is_refused(ratio):
+    r = cli("validate", "prune", *TINY, "prune=channel", f"prune.ratio={ratio}")
+    assert r.code == 2 and f"prune.ratio={ratio}: must be in (0, 1)" in r.text, r.text

@@ -102,3 +102,83 @@ def test_width_pruning_a_vit():
 def test_a_ratio_removing_every_head_or_none_is_refused(ratio):
     r = cli("validate", "prune", *TINY, "prune=channel", f"prune.ratio={ratio}")
     assert r.code == 2 and f"prune.ratio={ratio}: must be in (0, 1)" in r.text, r.text
+
+
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _llama(tmp_path: Path | None = None, layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, num_hidden_layers=layers, max_position_embeddings=64, **LLAMA)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if tmp_path is not None:
+        model.save_pretrained(tmp_path / "llama")
+    return model
+
+
+def test_llama_key_value_groups_and_neurons_go_whole_and_the_rest_computes_as_before():
+    from modrun.components.models.hf import HFCausalLM
+
+    dense = HFCausalLM(_llama())
+    model = copy.deepcopy(dense)
+    channel(PruneContext(model, {}, 0, None, 256, Path(".")), ratio=0.5, importance="l2").start(0)
+    reference = copy.deepcopy(dense)  # removed units silenced in the dense model: their only way out is zeroed
+    d, g = 8, 2
+    for layer, ref in zip(model.model.model.layers, reference.model.model.layers, strict=True):
+        a, dense_a = layer.self_attn, ref.self_attn
+        assert (a.q_proj.out_features, a.k_proj.out_features, a.num_key_value_groups) == (g * d, d, g)
+        w = [dense_a.q_proj.weight.reshape(2, -1), dense_a.k_proj.weight.reshape(2, -1),
+             dense_a.v_proj.weight.reshape(2, -1), dense_a.o_proj.weight.T.reshape(2, -1)]  # fmt: skip
+        scores = torch.cat(w, 1).norm(dim=1)  # the l2 norm of everything a key-value group owns
+        kept = int(scores.argmax())
+        torch.testing.assert_close(a.k_proj.weight, dense_a.k_proj.weight[kept * d : (kept + 1) * d])
+        with torch.no_grad():
+            dense_a.o_proj.weight[:, [c for c in range(4 * d) if c // (g * d) != kept]] = 0
+            mlp = ref.mlp
+            norms = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], 1).norm(dim=1)
+            mlp.down_proj.weight[:, norms.argsort()[:32]] = 0
+        assert layer.mlp.up_proj.out_features == 32
+    x = torch.randint(0, 256, (16, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+    assert model.model.config.num_key_value_heads == 1 and model.model.config.head_dim == 8
+
+
+def test_width_pruning_a_hugging_face_llama_through_the_cli(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _llama(tmp_path)
+    text = ["data=python_docs", "data.block_size=32", "data.windows_per_epoch=64", "data.batch_size=16"]
+    r = cli("train", "model=hf", f"model.path={tmp_path / 'llama'}", *text, "trainer.epochs=0", "runs_dir=src")
+    assert r.code == 0, r.text
+    source = only_run(runs_dir=Path("src"))
+    r = cli("prune", f"source.run={source}", "prune=channel", "recover=finetune", "trainer.epochs=1",
+            "trainer.progress=false")  # fmt: skip
+    assert r.code == 0, r.text
+    run = only_run("prune")
+    summary = read_json(run / "summary.json")
+    assert summary["width"] == {"heads": [2, 2], "key_value_heads": [1, 1], "intermediate": [32, 32]}
+    e = cli("eval", str(run))
+    assert e.code == 0 and f"{summary['final']['test/bpb']:.4f}" in e.text, e.text
+    # the folder transformers loads by itself: the rewritten config and the recovered weights
+    config = read_json(run / "hf_model" / "config.json")
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(run / "hf_model", local_files_only=True).eval()
+    from modrun.core.artifacts import load_state
+
+    state = load_state(run / "model.safetensors")
+    torch.testing.assert_close(loaded.model.layers[1].mlp.down_proj.weight, state["model.model.layers.1.mlp.down_proj.weight"])  # fmt: skip
+    # global pruning may leave blocks of different sizes: no single config says that, the run folder does
+    r = cli("prune", f"source.run={source}", "prune=channel", "prune.global_pruning=true", "recover=none",
+            "runs_dir=global")  # fmt: skip
+    assert r.code == 0, r.text
+    run = only_run("prune", Path("global"))
+    assert cli("eval", str(run)).code == 0
+
+
+def test_a_ratio_that_removes_no_key_value_group_is_refused(tmp_path):
+    _llama(tmp_path)
+    text = ["data=python_docs", "data.block_size=32", "data.windows_per_epoch=64", "data.batch_size=16"]
+    r = cli("prune", "model=hf", f"model.path={tmp_path / 'llama'}", *text, "prune=channel", "prune.ratio=0.3",
+            "recover=none", "source.epochs=0")  # fmt: skip
+    assert r.code == 2 and "prune.ratio=0.3: removes no key-value group of 2" in r.text, r.text

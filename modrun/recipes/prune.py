@@ -30,6 +30,7 @@ from modrun.methods.distill.teachers import own_training
 from modrun.methods.prune import RUNNER_KEYS
 from modrun.methods.prune.checks import check
 from modrun.methods.prune.context import PruneContext, select_layers
+from modrun.methods.prune.heads import HF_FOLDER
 from modrun.methods.prune.imp import IMPPruner, run_rounds
 from modrun.methods.prune.report import NOTE_UNSTRUCTURED, latencies, measure, print_report
 from modrun.recipes.base import Need, Recipe
@@ -145,6 +146,8 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         result = run_rounds(pruner, train, int(cfg.seed), device) if isinstance(pruner, IMPPruner) else train()
     pruner.apply() if hasattr(pruner, "apply") else None  # masks made permanent in the saved weights
     save_weights(run_dir, model)
+    if is_main() and getattr(pruner, "hf_config", None) is not None:  # a Hugging Face folder of the pruned model
+        model.model.save_pretrained(run_dir / HF_FOLDER, safe_serialization=True)
     final = {k.removeprefix("test/"): v for k, v in result["final"].items() if k.startswith("test/")}
     pruned_cost = {**measure(model, data), **_test_scores(final)}
     if not is_main():  # rank 0 reports for the run; timing on every process at once would slow them all
@@ -161,7 +164,7 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         "speedup_cpu_b64": dense_cost["latency_ms_cpu_b64"] / pruned_cost["latency_ms_cpu_b64"],
         "layer_sparsity": pruner.layer_sparsity(),
         "structured": pruner.structured,
-        **({"depth": pruner.record()} if hasattr(pruner, "record") else {}),
+        **(pruner.record() if hasattr(pruner, "record") else {}),  # depth: units removed; width: sizes left
         **({} if pruner.structured else {"note": NOTE_UNSTRUCTURED}),
     }
 

@@ -204,7 +204,7 @@ class DepthPruner:
 
     def record(self) -> dict[str, Any]:
         """What the summary keeps: which units went and every unit's (or window's) score."""
-        return {"removed": self.removed, "part": self.part, "score": self.score, "scores": self.scores}
+        return {"depth": {"removed": self.removed, "part": self.part, "score": self.score, "scores": self.scores}}
 
 
 def _mean(streams: list[list[torch.Tensor]], a: int, b: int, last: bool, angular: bool = False) -> float:

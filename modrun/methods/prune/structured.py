@@ -15,6 +15,7 @@ from torch import nn
 from modrun.components.models.stages import PrefixLinear
 from modrun.core.errors import UserError
 from modrun.methods.prune.context import PruneContext
+from modrun.methods.prune.heads import llama_blocks, prune_llama, rewrite_config
 
 IMPORTANCE = ("l1", "l2", "group_l2", "random")
 
@@ -25,6 +26,7 @@ class ChannelPruner:
     def __init__(self, ctx: PruneContext, ratio: float, importance: str, global_pruning: bool) -> None:
         self.model, self.targets, self.ratio, self.num_classes = ctx.model, ctx.targets, ratio, ctx.num_classes
         self.importance, self.global_pruning, self.example = importance, global_pruning, ctx.example
+        self.seed, self.sizes, self.hf_config = ctx.seed, None, None
 
     def start(self, total_steps: int) -> None:
         """Remove the channels now (once); training afterwards recovers accuracy."""
@@ -34,6 +36,13 @@ class ChannelPruner:
             raise UserError("prune=channel needs Torch-Pruning: pip install torch-pruning") from None
         if any(isinstance(m, PrefixLinear) for m in self.model.modules()):  # its input slice is invisible to the graph
             raise UserError("prune=channel: this model reads a prefix of its embedding (a matryoshka cut-out)")
+        llama = llama_blocks(self.model)
+        if llama:  # Hugging Face Llama-style blocks: sliced by hand (see heads.py for why)
+            self.sizes = prune_llama(llama, self.ratio, self.importance, self.global_pruning, self.seed)
+            config = getattr(getattr(self.model, "model", None), "config", None)
+            if config is not None and rewrite_config(config, self.sizes, int(llama[0][0].head_dim)):
+                self.hf_config = config
+            return
         importance = {
             "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
@@ -77,6 +86,10 @@ class ChannelPruner:
     def layer_sparsity(self) -> dict[str, float]:
         return {}
 
+    def record(self) -> dict[str, Any]:
+        """Per block, what hand-sliced (Llama-style) pruning left: heads, key-value heads, MLP neurons."""
+        return {"width": self.sizes} if self.sizes else {}
+
 
 # the MLP layers whose outputs are hidden neurons (modrun's, Llama-style gate and up)
 MLP_INPUTS = ("fc", "gate_proj", "up_proj")
@@ -94,13 +107,10 @@ def transformer_heads(model: nn.Module) -> tuple[dict[nn.Module, int], list[nn.M
                 continue
             if isinstance(getattr(m, "qkv", None), nn.Linear):  # modrun's gpt / vit: one fused projection
                 num_heads[m.qkv] = int(m.heads)
-            elif isinstance(getattr(m, "q_proj", None), nn.Linear):  # Llama-style, grouped-query attention
-                kv = int(getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads)
-                num_heads.update({m.q_proj: int(m.config.num_attention_heads), m.k_proj: kv, m.v_proj: kv})
         mlp += [m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in MLP_INPUTS]
     if not num_heads and any("Attention" in type(m).__name__ for m in model.modules()):
         raise UserError(f"prune=channel: the attention of {type(model).__name__} is neither modrun's (qkv) nor "
-                        "Llama-style (q_proj, k_proj, v_proj); its heads cannot be pruned whole")  # fmt: skip
+                        "Llama-style (q/k/v/o_proj, gate/up/down_proj); its heads cannot be pruned whole")  # fmt: skip
     return (num_heads, [*num_heads, *mlp]) if num_heads else None
 
 
@@ -109,9 +119,6 @@ def set_head_counts(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
     for m in model.modules():
         if isinstance(getattr(m, "qkv", None), nn.Linear) and m.qkv in num_heads:
             m.heads = num_heads[m.qkv]
-        elif isinstance(getattr(m, "q_proj", None), nn.Linear) and m.q_proj in num_heads:
-            q, kv = num_heads[m.q_proj], num_heads[m.k_proj]
-            m.num_key_value_groups = q // kv
 
 
 def channel(

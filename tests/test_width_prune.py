@@ -167,7 +167,8 @@ def test_width_pruning_a_hugging_face_llama_through_the_cli(tmp_path):
     from modrun.core.artifacts import load_state
 
     state = load_state(run / "model.safetensors")
-    torch.testing.assert_close(loaded.model.layers[1].mlp.down_proj.weight, state["model.model.layers.1.mlp.down_proj.weight"])  # fmt: skip
+    down = state["model.model.layers.1.mlp.down_proj.weight"]
+    torch.testing.assert_close(loaded.model.layers[1].mlp.down_proj.weight, down)
     # global pruning may leave blocks of different sizes: no single config says that, the run folder does
     r = cli("prune", f"source.run={source}", "prune=channel", "prune.global_pruning=true", "recover=none",
             "runs_dir=global")  # fmt: skip

@@ -96,7 +96,8 @@ def _choose(scores: list[torch.Tensor], ratio: float, global_pruning: bool, what
     sizes = [len(s) for s in scores]
     remove = [int(n * ratio + 1e-9) for n in sizes]
     if not any(remove):
-        raise UserError(f"prune.ratio={ratio}: removes no {what} of {min(sizes)}; use a ratio of at least {1 / min(sizes):g}")  # fmt: skip
+        least = 1 / min(sizes)
+        raise UserError(f"prune.ratio={ratio}: removes no {what} of {min(sizes)}; use a ratio of at least {least:g}")
     if global_pruning:
         flat = torch.cat([s / s.mean().clamp_min(1e-12) for s in scores])
         order = flat.argsort()[: sum(remove)]

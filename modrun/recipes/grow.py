@@ -20,6 +20,7 @@ from torch import nn
 
 from modrun.components.build import build_data, build_model, cost_report, model_from_run, resolve_device
 from modrun.components.data.base import Data, Preprocess, batches
+from modrun.components.data.tasks import split_task
 from modrun.core.artifacts import load_into, load_state, prerequisite, save_weights
 from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import barrier, is_main
@@ -65,12 +66,13 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def measure(model: nn.Module, data: Data, device: torch.device, batch_size: int) -> dict[str, Any]:
-    """Validation and test accuracy and loss (eval mode, no augmentation) and the parameter count."""
+    """The task's validation and test metrics (eval mode, no augmentation: loss, top1; ppl and bpb for text)
+    and the parameter count."""
     prep = Preprocess(data, device)
     out: dict[str, Any] = {}
     for split in ("val", "test"):
         r = evaluate(model, getattr(data, split), prep, batch_size, device)
-        out.update({f"{split}/top1": r["top1"], f"{split}/loss": r["loss"]})
+        out.update({f"{split}/{k}": v for k, v in r.items() if k != "top5"})
     return {**out, "params": count_params(model)["params"]}
 
 
@@ -144,9 +146,11 @@ def grow(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         f"grow={record['grow']['name']} x{record['grow']['factor']}: {_describe(record['source_model'])} "
         f"({src['params']:,} params) -> {_describe(record['grown_model'])} ({before['params']:,} params)"
     )
+    metric = split_task(data.val).best  # top1 for images, loss for text
     log.info(
-        f"before training: grown val top1 {before['val/top1']:.2f} test top1 {before['test/top1']:.2f}  "
-        f"(source {src['val/top1']:.2f} / {src['test/top1']:.2f}; max |logit diff| {record['max_abs_logit_diff']:.2e})"
+        f"before training: grown val {metric} {before[f'val/{metric}']:.3f} test {before[f'test/{metric}']:.3f}  "
+        f"(source {src[f'val/{metric}']:.3f} / {src[f'test/{metric}']:.3f}; "
+        f"max |logit diff| {record['max_abs_logit_diff']:.2e})"
     )
     cfg = cfg.copy()
     OmegaConf.update(cfg, "model", record["grown_model"], merge=False)  # loggers see the model that trains
@@ -168,7 +172,7 @@ def grow(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _describe(node: dict) -> str:
-    extra = {k: node[k] for k in ("depth", "width") if k in node}
+    extra = {k: node[k] for k in ("depth", "width", "n_layer", "n_embd", "dim") if k in node}
     return f"{node['name']}({', '.join(f'{k}={v}' for k, v in extra.items())})"
 
 

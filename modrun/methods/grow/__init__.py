@@ -13,7 +13,8 @@ from typing import Any
 RESNETS = ("resnet", "resnet20", "resnet32", "resnet56", "resnet110")
 # which registered models each method knows the structure of (by name: the grown model must be rebuildable
 # from a config, so growth is defined per architecture, not for any nn.Module)
-SUPPORTED = {"stack": RESNETS, "net2wider": ("cnn_small", *RESNETS)}
+SUPPORTED = {"stack": (*RESNETS, "gpt", "vit"), "net2wider": ("cnn_small", *RESNETS)}
+TRANSFORMER_DEPTH = {"gpt": ("n_layer", 4), "vit": ("depth", 6)}  # the key that counts blocks, and its default
 WHY_NOT = {
     "stack": "its blocks all change the channel count, so none can be repeated",
     "net2wider": "modrun knows no Net2Net mapping for its layers",
@@ -41,6 +42,8 @@ def factor_problem(method: str, node: dict[str, Any], factor: Any) -> str | None
     """Why `factor` does not work for this method and model (not a whole number where one is needed, < 1)."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
         return f"grow.factor={factor}: must be a number >= 1"
+    if method == "stack" and node.get("name") in TRANSFORMER_DEPTH and factor < 2:  # a copy of itself is no growth
+        return f"grow.factor={factor}: stacking a transformer needs a whole number >= 2 (its blocks x factor)"
     if method == "stack":
         return None if float(factor).is_integer() else f"grow.factor={factor}: stacking repeats blocks, use 2, 3, ..."
     channels = _widths(node, factor)
@@ -63,6 +66,9 @@ def _widths(node: dict[str, Any], factor: float) -> list[float]:
 def grown_node(method: str, node: dict[str, Any], grow_cfg: Any) -> dict[str, Any]:
     """The config node of the grown model (a registered architecture, so the run folder can rebuild it)."""
     factor = grow_cfg["factor"]
+    if method == "stack" and node["name"] in TRANSFORMER_DEPTH:
+        key, default = TRANSFORMER_DEPTH[node["name"]]
+        return {**node, key: int(node.get(key, default)) * int(factor)}
     if method == "stack":
         blocks = (resnet_depth(node) - 2) // 6
         return {**node, "name": "resnet", "depth": 6 * blocks * int(factor) + 2}

@@ -9,7 +9,11 @@ copies of the trained ones in one of two orders:
   already knows, in the order it learned it.
 - `interleave`: b0 b0 b1 b1 b2 b2. Each block's update is applied twice in a row.
 
-A stage's first block may change the shape (stride 2 and a projection shortcut in stages 2 and 3); its
+A transformer (`gpt`, `vit`) is one stage: its n blocks become n x factor, block i copying source block
+i mod n (`repeat`, G_stack's order) or i // factor (`interleave`); embeddings, final norm and head are copied.
+Every block keeps the stream's width, so no identity blocks are needed.
+
+A ResNet stage's first block may change the shape (stride 2 and a projection shortcut in stages 2 and 3); its
 copies further down the stage take a cout -> cout input and cannot hold its weights. They start as identity
 blocks instead: fresh convolutions with the last BatchNorm's scale and shift at 0, so the residual branch
 adds nothing (Goyal et al. 2017's zero-gamma init) and the block passes its non-negative input through.
@@ -50,8 +54,12 @@ def stack(source: nn.Module, grown: nn.Module, grow_cfg: Any, seed: int) -> dict
     """Fill `grown` (the deeper ResNet) from `source`; return which source block each grown block copies.
 
     `seed` is unused: the only random weights are the fresh identity blocks', drawn when `grown` was built."""
+    if isinstance(getattr(source, "blocks", None), nn.ModuleList) and isinstance(
+        getattr(grown, "blocks", None), nn.ModuleList
+    ):
+        return stack_transformer(source, grown, grow_cfg)
     if not isinstance(source, CifarResNet) or not isinstance(grown, CifarResNet):
-        raise TypeError("grow=stack works on CIFAR ResNets (modrun/models/resnet.py)")
+        raise TypeError("grow=stack works on CIFAR ResNets (modrun/models/resnet.py) and on gpt / vit")
     grown.stem.load_state_dict(source.stem.state_dict())
     grown.fc.load_state_dict(source.fc.state_dict())
     copies: dict[str, str] = {}
@@ -63,4 +71,18 @@ def stack(source: nn.Module, grown: nn.Module, grow_cfg: Any, seed: int) -> dict
             else:
                 new[pos].load_state_dict(old[i].state_dict())
                 copies[f"layers.{s}.{pos}"] = f"layers.{s}.{i}"
+    return {"copies": copies}
+
+
+@torch.no_grad()
+def stack_transformer(source: nn.Module, grown: nn.Module, grow_cfg: Any) -> dict[str, Any]:
+    """Everything outside the blocks copied as it is; grown block k a copy of source block plan[k]."""
+    outside = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.")}
+    missing, unexpected = grown.load_state_dict(outside, strict=False)
+    if unexpected or any(not k.startswith("blocks.") for k in missing):
+        raise TypeError(f"grow=stack: the grown model differs outside its blocks ({[*unexpected, *missing][:3]})")
+    copies: dict[str, str] = {}
+    for pos, i in enumerate(plan(len(source.blocks), len(grown.blocks) // len(source.blocks), str(grow_cfg.order))):
+        grown.blocks[pos].load_state_dict(source.blocks[i].state_dict())
+        copies[f"blocks.{pos}"] = f"blocks.{i}"
     return {"copies": copies}

@@ -18,7 +18,8 @@ from modrun.runner.checks import check_config, dotted_keys
 from modrun.runner.compose import Composer
 from modrun.runner.validate import check_group_choice, check_value_override
 
-NESTED_KEYS = ("nested.width", "nested.depth", "nested.dim")
+NESTED_KEYS = ("nested.width", "nested.depth", "nested.dim", "nested.exit")
+BY = {"sorted": ("nested.width", "nested.depth"), "matryoshka": ("nested.dim",), "exits": ("nested.exit",)}
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_dir: Path | None) -> DictConfig:
@@ -50,36 +51,44 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], command: str, config_
 
 
 def nested_size(cfg: DictConfig, overrides: list[str]) -> tuple[object, list[str]]:
-    """`nested.width=0.5` and/or `nested.depth=0.5` (sorted; the other defaults to 1) or `nested.dim=16`
-    (matryoshka) picks one size of a nested run."""
+    """`nested.width=0.5` and/or `nested.depth=0.5` (sorted; the other defaults to 1), `nested.dim=16`
+    (matryoshka) or `nested.exit=2` (exits) picks one size of a nested run."""
     node = cfg.get("nested")
     kind = str(node.name) if node else "none"
     picked, rest = take_overrides(overrides, NESTED_KEYS)
     if not picked:
         return None, overrides
     key = next(iter(picked))
-    if kind not in ("sorted", "matryoshka"):
-        raise UserError(f"{key}: this run was not trained with nested=sorted or nested=matryoshka")
-    from modrun.methods.nested.base import depths, sizes
+    if kind not in BY:
+        raise UserError(f"{key}: this run was not trained with nested=sorted, nested=matryoshka or nested=exits")
+    from modrun.methods.nested.base import Exit, depths, sizes
 
-    offered = sizes(node)
-    wrong = [k for k in picked if (k == "nested.dim") != (kind == "matryoshka")]
+    wrong = [k for k in picked if k not in BY[kind]]
     if wrong:
-        want = "nested.dim" if kind == "matryoshka" else "nested.width / nested.depth"
-        raise UserError(f"{wrong[0]}: a nested={kind} run offers sizes by {want}")
+        raise UserError(f"{wrong[0]}: a nested={kind} run offers sizes by {' / '.join(BY[kind])}")
+    if kind == "exits":
+        from modrun.components.drybuild import build_on_meta
+        from modrun.methods.nested.exits import exit_blocks
+
+        offered = sizes(node, len(exit_blocks(build_on_meta(cfg.model), cfg.model.name)))
+    else:
+        offered = sizes(node)
     choices = {
         "nested.width": sorted({w for w, _ in offered}) if kind == "sorted" else [],
         "nested.depth": depths(node) if kind == "sorted" else [],
         "nested.dim": offered if kind == "matryoshka" else [],
+        "nested.exit": [e.blocks for e in offered] if kind == "exits" else [],
     }
     values = {}
     for k, v in picked.items():
         try:
-            values[k] = int(v) if k == "nested.dim" else float(v)
+            values[k] = int(v) if k in ("nested.dim", "nested.exit") else float(v)
         except ValueError:
             raise UserError(f"{k}={v}: expected a number, one of {choices[k]}") from None
         if values[k] not in choices[k]:
             raise UserError(f"{k}={v}: the run trained the {k.split('.')[1]}s {choices[k]}")
+    if kind == "exits":
+        return Exit(values["nested.exit"]), rest
     size = (
         values["nested.dim"]
         if kind == "matryoshka"
@@ -201,6 +210,7 @@ def _report(
 ) -> dict:
     """Append the scores to evals.jsonl and print them (with the recorded final score where comparable)."""
     from modrun.core.records import section, try_json
+    from modrun.methods.nested.base import size_name
     from modrun.methods.nested.subnet import size_row
 
     record = {
@@ -215,7 +225,8 @@ def _report(
     append_line(run_dir / "evals.jsonl", json.dumps(record))
     columns = list(next(iter(results.values())))  # the task's metrics: top1/top5, or ppl/bpb for text
     skipped = f", blocks {skip} skipped" if skip else ""
-    table = Table("split", *columns, title=f"{run_dir} ({weights} weights{skipped})")
+    sized = f", nested size {size_name(size)}" if size is not None else ""
+    table = Table("split", *columns, title=f"{run_dir} ({weights} weights{sized}{skipped})")
     for split, r in results.items():
         table.add_row(split, *(f"{r[k]:.4f}" if k in ("loss", "bpb") else f"{r[k]:.2f}" for k in columns))
     Console().print(table)

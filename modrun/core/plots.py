@@ -22,22 +22,33 @@ def pyplot() -> Any:
     return plt
 
 
+LABELS = {"test/top1": "test top-1 (%)", "test/bpb": "test bits per byte", "test/loss": "test loss (nats/token)"}
+
+
+def score_key(row: dict[str, Any]) -> str:
+    """The test metric a size plot shows: top-1 for images, bits per byte (or loss) for text."""
+    if "test/ppl" in row:
+        return "test/bpb" if "test/bpb" in row else "test/loss"
+    return "test/top1"
+
+
 def accuracy_vs_params(
     rows: list[dict[str, Any]], names: list[str], path: Path, title: str, marked: tuple[int, ...] = ()
 ) -> bool:
-    """Test top-1 against parameters, one annotated point per row joined in order of size; rows at the indices
-    in `marked` (e.g. a stitch run's anchors) also as red stars. False when matplotlib is missing."""
+    """The test metric (`score_key`) against parameters, one annotated point per row joined in order of size;
+    rows at the indices in `marked` (e.g. a stitch run's anchors) also as red stars. False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
+    key = score_key(rows[0])
     fig, ax = plt.subplots(figsize=(6, 4))
     ordered = sorted(rows, key=lambda r: r["params"])
-    ax.plot([r["params"] for r in ordered], [r["test/top1"] for r in ordered], "o-", color="tab:blue")
+    ax.plot([r["params"] for r in ordered], [r[key] for r in ordered], "o-", color="tab:blue")
     stars = [rows[i] for i in marked]
-    ax.plot([r["params"] for r in stars], [r["test/top1"] for r in stars], "*", ms=14, color="tab:red")
+    ax.plot([r["params"] for r in stars], [r[key] for r in stars], "*", ms=14, color="tab:red")
     for r, name in zip(rows, names, strict=True):
-        ax.annotate(name, (r["params"], r["test/top1"]), fontsize=8)
-    ax.set(xlabel="parameters", ylabel="test top-1 (%)", title=title)
+        ax.annotate(name, (r["params"], r[key]), fontsize=8)
+    ax.set(xlabel="parameters", ylabel=LABELS[key], title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

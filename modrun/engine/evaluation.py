@@ -45,10 +45,16 @@ def evaluate(
 
 
 def scores_and_cost(model: nn.Module, data: Any, prep: Any, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """A deployable model's val/test top-1 (eval mode, no augmentation) and its cost: parameters, MACs and
-    batch-1 latency (the rows of nested.json and of a stitch run's summary)."""
-    example = torch.zeros(1, data.channels, data.image_size, data.image_size, device=device)
-    row = {f"{split}/top1": evaluate(model, getattr(data, split), prep, batch_size, device)["top1"] for split in SPLITS}
+    """A deployable model's val/test metrics (the task's: top-1 for images, loss/ppl/bpb for text; eval mode, no
+    augmentation) and its cost: parameters, MACs and batch-1 latency (the rows of nested.json and of a stitch
+    run's summary)."""
+    example = data.example(1, device)
+    row = {
+        f"{split}/{k}": v
+        for split in SPLITS
+        for k, v in evaluate(model, getattr(data, split), prep, batch_size, device).items()
+        if k != "top5"
+    }
     return {
         **row,
         "params": count_params(model)["params"],

@@ -12,12 +12,14 @@ from modrun.components.data.base import Preprocess
 from modrun.core.artifacts import save_weights
 from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import is_main
+from modrun.core.plots import score_key
 from modrun.core.runfolder import write_json
 from modrun.engine.evaluation import evaluate
 from modrun.engine.loop import Objective, fit
 from modrun.methods.nested import base as nested
 from modrun.methods.nested import subnet
 from modrun.methods.nested.checks import check, check_train
+from modrun.methods.nested.exits import ExitsObjective
 from modrun.recipes.base import Recipe
 
 log = logging.getLogger("modrun")
@@ -40,7 +42,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         term = {"name": "kd", "weight": node.kd_weight, "temperature": node.get("temperature", 4.0)}
         kd_node = OmegaConf.create({"terms": {"kd": term}})
     kd = nested.inplace_terms(kd_node, data.num_classes, len(data.train))
-    objective = nested.NestedObjective(model, node, int(cfg.seed), kd)
+    nested_objective = ExitsObjective if node.name == "exits" else nested.NestedObjective
+    objective = nested_objective(model, node, int(cfg.seed), kd)
     result = fit(cfg, run_dir, objective, data, device, resume)
     if node.name == "sorted":  # BatchNorm statistics measured as every cut-out size's are (same 20 batches)
         prep = Preprocess(data, device)
@@ -53,8 +56,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     if is_main():
         write_json(run_dir / "nested.json", rows)
         subnet.plot(rows, run_dir / "nested.png")
+    key = score_key(rows[0])  # test/top1, or test/bpb for text
     for r in rows:
-        log.info(f"{subnet.label(r)}: test/top1 {r['test/top1']:.2f}  params {r['params']:,}  MACs {r['macs']:,}")
+        log.info(f"{subnet.label(r)}: {key} {r[key]:.4g}  params {r['params']:,}  MACs {r['macs']:,}")
     return {**result, **cost_report(model, data, device), "nested": rows}
 
 

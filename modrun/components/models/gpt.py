@@ -16,6 +16,7 @@ class GPT(nn.Module):
     """tokens (B, T) -> logits (B, T, vocab_size) for the next token at every position."""
 
     embedding_layer = "ln_f"  # the last hidden states, (B, T, n_embd): what feature KD on `embedding` reads
+    depth_key = "n_layer"  # the config key that counts blocks (a sorted exit cut out is this model, shallower)
 
     def __init__(
         self,
@@ -57,4 +58,9 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
+        return self.readout(x)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and head on the hidden states (B, T, n_embd): what a sorted exit after any block reads
+        (nested=exits), so the exits and the full model share one code path."""
         return self.head(self.ln_f(x))

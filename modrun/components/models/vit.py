@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modrun.components.models.stages import Head
 from modrun.components.models.transformer import Block, init_weights
 
 
@@ -17,8 +18,30 @@ class ClassToken(nn.Module):
         return x[:, 0]
 
 
+class Embedding(nn.Module):
+    """Patches -> tokens, class token prepended, learned positions added, dropout: (B, C, H, W) -> (B, tokens, dim).
+    It holds the ViT's own modules and parameters (shared, built on demand by `stages()`), so that the model's
+    state-dict keys stay as they are."""
+
+    def __init__(self, vit: ViT) -> None:
+        super().__init__()
+        self.patch_embed, self.drop = vit.patch_embed, vit.drop
+        self.cls_token, self.pos_embed = vit.cls_token, vit.pos_embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _tokens(self, x)
+
+
+def _tokens(m: ViT | Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The token stream entering block 0: one code path for the forward and its first stage."""
+    x = m.patch_embed(x).flatten(2).transpose(1, 2)  # (B, patches, dim)
+    x = torch.cat((m.cls_token.expand(len(x), -1, -1), x), dim=1) + m.pos_embed
+    return m.drop(x)
+
+
 class ViT(nn.Module):
     embedding_layer = "pool"
+    depth_key = "depth"  # the config key that counts blocks (a sorted exit cut out is this model, shallower)
 
     def __init__(
         self,
@@ -49,9 +72,19 @@ class ViT(nn.Module):
         self.feature_layers = tuple(f"blocks.{i}" for i in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, patches, dim)
-        x = torch.cat((self.cls_token.expand(len(x), -1, -1), x), dim=1) + self.pos_embed
-        x = self.drop(x)
+        x = _tokens(self, x)
         for block in self.blocks:
             x = block(x)
+        return self.readout(x)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, class token and head on the token stream (B, tokens, dim): what a sorted exit after any
+        block reads (nested=exits), so the exits and the full model share one code path."""
         return self.head(self.pool(self.norm(x)))
+
+    def stages(self) -> list[nn.Module]:
+        """The forward pass as consecutive stages (their composition is `forward`), for stitching: the embedding
+        joins block 0, so that stage k ends with block k and every boundary is a block's (B, tokens, dim) output;
+        the last stage is the readout (final norm, class token, head)."""
+        first, *rest = self.blocks
+        return [nn.Sequential(Embedding(self), first), *rest, Head(nn.Sequential(self.norm, self.pool), self.head)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,14 @@ from modrun.engine.objectives import StepSeeded
 from modrun.methods.distill import TERM_KEYS
 from modrun.methods.distill.base import KDContext, Outputs, warmup_factor
 
-Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka
+Size = Any  # (width, depth) for nested=sorted, an embedding dim (int) for nested=matryoshka, an Exit for exits
+
+
+@dataclass(frozen=True, order=True)
+class Exit:
+    """A sorted exit of nested=exits: the first `blocks` blocks, then the model's final norm and shared head."""
+
+    blocks: int
 
 
 def keep(channels: int, width: float) -> int:
@@ -111,16 +119,31 @@ def depths(node: DictConfig) -> list[float]:
     return sorted({float(d) for d in (wanted if wanted is not None else [1.0])} | {1.0})
 
 
-def sizes(node: DictConfig) -> list[Size]:
-    """The sizes a nested run offers: (width, depth) pairs in order (sorted) or dims, smallest first (matryoshka)."""
+def exits(node: DictConfig, depth: int) -> list[Exit]:
+    """The exits of nested=exits on a model of `depth` blocks: the listed block counts (null: every one) and
+    always the full depth, shallowest first."""
+    wanted = node.get("exits")
+    counts = range(1, depth + 1) if wanted is None else [int(n) for n in wanted]
+    return [Exit(n) for n in sorted(set(counts) | {depth})]
+
+
+def sizes(node: DictConfig, depth: int | None = None) -> list[Size]:
+    """The sizes a nested run offers: (width, depth) pairs in order (sorted), dims, smallest first (matryoshka),
+    or exits (which need the model's `depth` in blocks)."""
     if node.name == "sorted":  # the full model is always one of them
         widths = sorted({float(w) for w in node.widths} | {1.0})
         return sorted((w, d) for w in widths for d in depths(node))
+    if node.name == "exits":
+        if depth is None:
+            raise ValueError("the exits of nested=exits depend on the model's depth")
+        return exits(node, depth)
     return sorted({int(d) for d in node.dims})
 
 
 def size_name(size: Size) -> str:
-    """`w0.5` / `w0.5_d0.67` / `d16`: the size in metric names and folder names."""
+    """`w0.5` / `w0.5_d0.67` / `d16` / `e2`: the size in metric names and folder names."""
+    if isinstance(size, Exit):
+        return f"e{size.blocks}"
     if isinstance(size, tuple):
         return f"w{size[0]:g}" + (f"_d{size[1]:g}" if size[1] < 1.0 else "")
     return f"d{size}"

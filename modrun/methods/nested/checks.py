@@ -10,10 +10,12 @@ from modrun.components.drybuild import build_on_meta
 from modrun.core.errors import UserError
 from modrun.core.values import is_number
 from modrun.methods.distill.checks import check_kd_values
-from modrun.methods.nested.base import block_stages, classifier, depths, keep_blocks, sizes
+from modrun.methods.nested.base import block_stages, classifier, depths, exits, keep_blocks, sizes
+from modrun.methods.nested.exits import exit_blocks
 
 LOGIT_METHODS = ("kd", "dkd", "dist", "logit_std")  # the KD methods in-place distillation can use
 MODES = ("sum", "sample")
+HOOKS = {"sorted": "masks widths", "exits": "reads the exits' hidden states"}
 
 
 def _fractions(key: str, values: object, what: str) -> list[str]:
@@ -28,6 +30,19 @@ def check_values(node: DictConfig) -> list[str]:
         errors = _fractions("nested.widths", node.get("widths"), "widths")
         wanted = node.get("depths")
         errors += _fractions("nested.depths", wanted if wanted is not None else [1.0], "depths")
+        if node.get("mode") not in MODES:
+            errors.append(f"nested.mode={node.get('mode')}: expected one of {', '.join(MODES)}")
+        return errors
+    if node.name == "exits":
+        wanted, errors = node.get("exits"), []
+        if wanted is not None and not (
+            isinstance(wanted, (list, ListConfig))
+            and wanted
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in wanted)
+        ):
+            errors.append(f"nested.exits={_show(wanted)}: null (every depth) or a list of block counts >= 1")
+        elif wanted is not None and list(wanted) != sorted(set(wanted)):
+            errors.append(f"nested.exits={_show(wanted)}: block counts must increase, e.g. {sorted(set(wanted))}")
         if node.get("mode") not in MODES:
             errors.append(f"nested.mode={node.get('mode')}: expected one of {', '.join(MODES)}")
         return errors
@@ -64,6 +79,15 @@ def check(cfg: DictConfig, model: nn.Module) -> None:
                     f"nested.depths={list(node.depths)}: two depths keep the same number of blocks per stage "
                     f"({len(stages[0])} blocks: depths keep {blocks})"
                 )
+    elif node.name == "exits":
+        blocks = len(exit_blocks(model, cfg.model.name))
+        wanted = node.get("exits")
+        if wanted is not None and max(wanted) > blocks:
+            raise UserError(
+                f"nested.exits={_show(wanted)}: model {cfg.model.name} has {blocks} blocks; exits 1..{blocks}"
+            )
+        if cfg.get("kd") is not None and len(exits(node, blocks)) < 2:
+            raise UserError(f"kd: nested.exits={_show(wanted)} is only the full depth; there is no exit to teach")
     elif node.name == "matryoshka":
         fc = classifier(model)
         dims = list(node.dims)
@@ -77,13 +101,13 @@ def check_kd(cfg: DictConfig) -> list[str]:
     if kd is None:
         return []
     node = cfg.get("nested")
-    if node is None or node.name != "sorted":
+    if node is None or node.name not in ("sorted", "exits"):
         return [
-            "kd: modrun train distils in place only between the sizes of nested=sorted (the full model teaches "
-            "the others); to learn from a teacher, use modrun distill"
+            "kd: modrun train distils in place only between the sizes of nested=sorted or nested=exits (the full "
+            "model teaches the others); to learn from a teacher, use modrun distill"
         ]
     errors = []
-    if len(sizes(node)) < 2:
+    if node.name == "sorted" and len(sizes(node)) < 2:  # exits: counted against the model's depth in check()
         errors.append(
             "kd: nested=sorted with only the full size (widths and depths [1.0]) has no smaller size to teach"
         )
@@ -106,10 +130,10 @@ def check_train(cfg: DictConfig) -> list[str]:
     if errors:
         return errors
     errors = check_kd(cfg)
-    if node.name == "sorted" and cfg.trainer.get("compile"):
+    if node.name in ("sorted", "exits") and cfg.trainer.get("compile"):
         errors.append(
-            "trainer.compile=true: nested=sorted masks widths with hooks that a compiled graph does not see; "
-            "set trainer.compile=false"
+            f"trainer.compile=true: nested={node.name} {HOOKS[node.name]} with hooks that a compiled graph does "
+            "not see; set trainer.compile=false"
         )
     try:
         check(cfg, build_on_meta(cfg.model))
@@ -118,3 +142,7 @@ def check_train(cfg: DictConfig) -> list[str]:
     except NotImplementedError:
         pass  # an operation without a meta kernel: the pipeline checks the real model
     return errors
+
+
+def _show(value: object) -> object:
+    return list(value) if isinstance(value, ListConfig) else value

@@ -25,7 +25,8 @@ from modrun.components.shapes import SHAPES_FILE, apply_shapes, read_shapes
 from modrun.core.plots import accuracy_vs_params
 from modrun.core.runfolder import atomic_write, write_json
 from modrun.engine.evaluation import scores_and_cost
-from modrun.methods.nested.base import Size, block_stages, classifier, keep, keep_blocks, size_name, sizes
+from modrun.methods.nested.base import Exit, Size, block_stages, classifier, keep, keep_blocks, size_name, sizes
+from modrun.methods.nested.exits import cut_exit, exit_blocks
 
 MODEL_FILE = "model.yaml"
 
@@ -75,7 +76,10 @@ def shorten(model: nn.Module, depth: float) -> nn.Module:
 
 
 def cut(model: nn.Module, size: Size, in_channels: int) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """A physically smaller copy of one size, holding the leading slices of every weight, and its shapes."""
+    """A physically smaller copy of one size, holding the leading slices of every weight, and its shapes (an
+    exit's are none: its layers keep their sizes, there are only fewer blocks)."""
+    if isinstance(size, Exit):
+        return cut_exit(model, size.blocks), {}
     small = copy.deepcopy(model)
     if isinstance(size, tuple):
         shorten(small, size[1])
@@ -133,28 +137,37 @@ def size_model(model: nn.Module, size: Size, data: Any, prep: Any, bs: int) -> t
 
 
 def size_row(size: Size) -> dict[str, Any]:
+    if isinstance(size, Exit):
+        return {"exit": size.blocks}
     return {"width": size[0], "depth": size[1]} if isinstance(size, tuple) else {"dim": size}
 
 
+def offered(node: DictConfig, model: nn.Module) -> list[Size]:
+    """The sizes of a nested run of this model (exits count its blocks)."""
+    return sizes(node, len(exit_blocks(model)) if node.name == "exits" else None)
+
+
 def report(cfg: DictConfig, model: nn.Module, data: Any, device: torch.device) -> list[dict[str, Any]]:
-    """Accuracy, parameters, MACs and latency of every size of a nested run, in the order of `sizes`."""
+    """The task's metrics, parameters, MACs and latency of every size of a nested run, in the order of `sizes`."""
 
     prep, bs = Preprocess(data, device), int(cfg.data.eval_batch_size)
     rows = []
-    for size in sizes(cfg.nested):
+    for size in offered(cfg.nested, model):
         sub, _ = size_model(model, size, data, prep, int(cfg.data.batch_size))
         rows.append({**size_row(size), **scores_and_cost(sub, data, prep, bs, device)})
     return rows
 
 
 def label(row: dict[str, Any]) -> str:
+    if "exit" in row:
+        return f"exit {row['exit']}"
     if "dim" in row:
         return f"dim {row['dim']}"
     return f"w {row['width']:g}" + (f" d {row['depth']:g}" if row["depth"] < 1 else "")
 
 
 def plot(rows: list[dict[str, Any]], path: Any) -> bool:
-    """Test accuracy against parameters, one point per size (matplotlib is optional)."""
+    """The test metric against parameters, one point per size (matplotlib is optional)."""
 
     return accuracy_vs_params(rows, [label(r) for r in rows], path, "nested sub-networks")
 
@@ -162,6 +175,8 @@ def plot(rows: list[dict[str, Any]], path: Any) -> bool:
 def architecture(cfg: DictConfig, model: nn.Module, size: Size) -> dict[str, Any]:
     """The model config to build before the shapes are applied: a shallower size is a model of fewer blocks."""
     arch = OmegaConf.to_container(cfg.model, resolve=True)
+    if isinstance(size, Exit):
+        arch[model.depth_key] = size.blocks
     if isinstance(size, tuple) and size[1] < 1.0:
         arch.update(model.depth_config(keep_blocks(len(block_stages(model)[0]), size[1])))
     return arch
@@ -179,7 +194,8 @@ def export(
     atomic_write(
         folder / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in sub.state_dict().items()})
     )
-    write_json(folder / SHAPES_FILE, shapes)
+    if shapes:  # an exit has none: the same layers, fewer blocks (model.yaml says how many)
+        write_json(folder / SHAPES_FILE, shapes)
     atomic_write(folder / MODEL_FILE, OmegaConf.to_yaml(architecture(cfg, model, size)))
     return sub
 

@@ -13,6 +13,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> dict:
     targets = select_layers(pruned, ["*"], [], ["Conv2d", "Linear"])
     with tempfile.TemporaryDirectory() as tmp:
         channel(PruneContext(pruned, targets, 0, example, 10, Path(tmp)), ratio=args.ratio).start(0)
-    timed = latencies({"dense": dense, "pruned": pruned}, 3, args.size, torch.device("cpu"), rounds=args.rounds)
+    images = SimpleNamespace(example=lambda batch, device: torch.zeros(batch, 3, args.size, args.size, device=device))
+    timed = latencies({"dense": dense, "pruned": pruned}, images, torch.device("cpu"), rounds=args.rounds)
     d, p = timed["dense"], timed["pruned"]
     return {
         "benchmark": "prune_speed",

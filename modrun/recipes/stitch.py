@@ -1,7 +1,8 @@
 """`modrun stitch`: two trained anchors of one family (small, large) become a stitchable network (SN-Net, Pan
-et al. 2023): the small anchor's first stages, a 1x1 conv, the large anchor's remaining stages, at every stitch
-point. The anchors stay frozen; the stitches start from a least-squares fit of the large anchor's features and
-are then trained with the ordinary loop, one point per step.
+et al. 2023): the small anchor's first stages, a stitching layer (a 1x1 conv between CNN stages, a per-token
+linear map between ViT blocks), the large anchor's remaining stages, at every stitch point. The anchors stay
+frozen; the stitches start from a least-squares fit of the large anchor's features and are then trained with the
+ordinary loop, one point per step.
 
 The run folder holds model.safetensors (the stitching layers alone) and stitch.json (the anchors and points),
 summary.json `stitches` and stitch.png (every point and both anchors: accuracy, parameters, MACs, latency).
@@ -21,11 +22,12 @@ from modrun.components.data.base import Preprocess, batches
 from modrun.core.checkpoint import seed_everything
 from modrun.core.collectives import is_main
 from modrun.core.cost import count_params
+from modrun.core.errors import UserError
 from modrun.core.runfolder import atomic_write, write_json
 from modrun.engine.loop import fit
 from modrun.methods.distill.teachers import own_training
 from modrun.methods.stitch import STITCH_FILE
-from modrun.methods.stitch.checks import anchor_model, check
+from modrun.methods.stitch.checks import anchor_model, check, pair_problems
 from modrun.methods.stitch.net import StitchNet, StitchObjective, build, plot, report
 from modrun.recipes.base import Need, Recipe
 
@@ -56,8 +58,11 @@ def stitch(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     (small, small_rec, small_run), (large, large_rec, large_run) = sorted(
         anchors, key=lambda a: count_params(a[0])["params"]
     )
-    last = len(small.stages()) - 2
-    points = sorted({int(k) for k in cfg.stitch.points}) if cfg.stitch.points is not None else list(range(last + 1))
+    given = sorted({int(k) for k in cfg.stitch.points}) if cfg.stitch.points is not None else None
+    problems = pair_problems(small_rec["model"], large_rec["model"], given)  # anchor configs that left keys unset
+    if problems:
+        raise UserError(*problems)
+    points = given if given is not None else list(range(len(small.stages()) - 1))
     net = build(small, large, points, init_batch(data, device, int(cfg.stitch.init_samples)))
     log.info(
         f"stitch: {small_rec['model']['name']} {count_params(small)['params']:,} params -> "
@@ -72,6 +77,7 @@ def stitch(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
         "points": points,
         "eval_point": net.point,
         "channels": {str(k): list(net.stitches[str(k)].weight.shape[1::-1]) for k in points},
+        "layer": net.layer,
         "stitch": OmegaConf.to_container(cfg.stitch, resolve=True),
     }
     save_stitches(run_dir, net, record)

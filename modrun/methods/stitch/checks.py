@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from modrun.methods.stitch import FAMILIES, STAGES, data_mismatch, family
+from modrun.methods.stitch import FAMILIES, data_mismatch, family, stage_count
 
 ANCHOR_KEYS = ("model", "seed", "epochs", "overrides")  # an anchor given as a config, trained first
 
@@ -78,11 +78,34 @@ def check(cfg: DictConfig) -> list[str]:
     points = cfg.stitch.points
     if points is not None and (not isinstance(points, ListConfig) or not points or not all(_int(p) for p in points)):
         return [f"stitch.points={_show(points)}: expected null (every boundary) or a list of stage indices"]
-    last = STAGES[family(a)] - 2  # after the last stage (the head) there is nothing left to stitch
-    if points is not None and max(points) > last:
-        where = "after each stage but the head"
-        return [f"stitch.points={_show(points)}: {a['name']} has stitch points 0..{last} ({where})"]
-    return []
+    return pair_problems(a, b, None if points is None else list(points))
+
+
+def pair_problems(a: dict, b: dict, points: list[int] | None) -> list[str]:
+    """What two anchors of one family must also agree on, and whether `points` are theirs. A key that an anchor
+    config leaves unset is skipped here; the run checks again on the trained anchors' full configs."""
+    problem = _vit_problem(a, b) if family(a) == "vit" else None
+    if problem:
+        return [problem]
+    stages = stage_count(a) or stage_count(b)  # vits: equal depth by now, so either one's
+    if points is None or stages is None or max(points) <= stages - 2:  # the last stage (the head) has no after
+        return []
+    where = f"after each of its {stages - 1} blocks" if family(a) == "vit" else "after each stage but the head"
+    return [f"stitch.points={points}: {a['name']} has stitch points 0..{stages - 2} ({where})"]
+
+
+def _vit_problem(a: dict, b: dict) -> str | None:
+    """Equal depth (as SN-Net's DeiTs: after block k of the small vit comes block k + 1 of the large one, with no
+    mapping between depths) and equal patch size (so that both token streams have the same tokens)."""
+    da, db = a.get("depth"), b.get("depth")
+    if da is not None and db is not None and da != db:
+        return f"anchors: vit anchors of model.depth {da} vs {db}; stitching pairs block k with block k: give one depth"
+    pa, pb = a.get("patch"), b.get("patch")
+    if pa is not None and pb is not None and pa != pb:
+        size = a.get("image_size")
+        tokens = f" ({(size // pa) ** 2 + 1} vs {(size // pb) ** 2 + 1} tokens)" if isinstance(size, int) else ""
+        return f"anchors: vit anchors of model.patch {pa} vs {pb}{tokens}; the token counts must agree: give one patch"
+    return None
 
 
 def _data(cfg: DictConfig) -> dict:

@@ -43,7 +43,8 @@ def stitched_from_run(run_dir: Path, data: object, device: torch.device, weights
     small, _ = model_from_run(record["small"]["run"], data, device, "anchors")
     large, _ = model_from_run(record["large"]["run"], data, device, "anchors")
     channels = {int(k): (int(cs), int(cl)) for k, (cs, cl) in record["channels"].items()}
-    net = StitchNet(small, large, channels, int(record["eval_point"])).to(device)
+    layer = record.get("layer", "conv1x1")  # runs from before vits were stitchable record no layer
+    net = StitchNet(small, large, channels, int(record["eval_point"]), layer).to(device)
     if weights == "final":
         state = load_file(run_dir / "model.safetensors", device=str(device))
         net.stitches.load_state_dict({k.removeprefix("stitches."): v for k, v in state.items()})

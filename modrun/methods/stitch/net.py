@@ -1,5 +1,6 @@
-"""The stitched networks: both anchors' stages, a 1x1 conv per stitch point, its least-squares start, the
-training objective (one point per step) and the report over every point and both anchors."""
+"""The stitched networks: both anchors' stages, a stitching layer per point (a 1x1 conv between (B, C, H, W)
+feature maps, a linear map of every token between (B, tokens, dim) streams), its least-squares start, the training
+objective (one point per step) and the report over every point and both anchors."""
 
 from __future__ import annotations
 
@@ -14,17 +15,36 @@ from modrun.core.plots import accuracy_vs_params
 from modrun.engine.evaluation import scores_and_cost
 from modrun.engine.objectives import StepSeeded
 
+# the stitching layer by the rank of the features it maps (stitch.json `layer`; runs without it are conv1x1)
+LAYERS = {4: "conv1x1", 3: "linear"}
+
+
+def stitch_layer(layer: str, cs: int, cl: int) -> nn.Module:
+    """A 1x1 conv over the channels of every pixel, or a linear map of every token's features (cs -> cl)."""
+    if layer == "conv1x1":
+        return nn.Conv2d(cs, cl, 1)
+    if layer == "linear":
+        return nn.Linear(cs, cl)
+    raise ValueError(f"unknown stitching layer '{layer}'; expected one of {', '.join(LAYERS.values())}")
+
 
 class StitchNet(nn.Module):
     """Both frozen anchors and one stitching layer per point. forward(x, k) runs the small anchor's stages 0..k,
     the stitch at k, then the large anchor's stages k+1..; without k it runs `self.point` (what the loop's
     per-epoch validation and the best-checkpoint choice measure: one fixed point, for a comparable curve)."""
 
-    def __init__(self, small: nn.Module, large: nn.Module, channels: dict[int, tuple[int, int]], point: int) -> None:
+    def __init__(
+        self,
+        small: nn.Module,
+        large: nn.Module,
+        channels: dict[int, tuple[int, int]],
+        point: int,
+        layer: str = "conv1x1",
+    ) -> None:
         super().__init__()
         self.small, self.large = small.eval().requires_grad_(False), large.eval().requires_grad_(False)
-        self.stitches = nn.ModuleDict({str(k): nn.Conv2d(cs, cl, 1) for k, (cs, cl) in channels.items()})
-        self.point = point
+        self.stitches = nn.ModuleDict({str(k): stitch_layer(layer, cs, cl) for k, (cs, cl) in channels.items()})
+        self.point, self.layer = point, layer
 
     def train(self, mode: bool = True) -> StitchNet:
         super().train(mode)
@@ -52,30 +72,46 @@ def boundary_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
+def rows(f: torch.Tensor) -> torch.Tensor:
+    """Features as (N, channels) rows: one per pixel of (B, C, H, W) maps, one per token of (B, tokens, dim)
+    streams, (N, C) as it is."""
+    if f.dim() == 4:
+        return f.movedim(1, -1).reshape(-1, f.shape[1])
+    if f.dim() in (2, 3):
+        return f.reshape(-1, f.shape[-1])
+    raise ValueError(f"cannot stitch features of shape {tuple(f.shape)}: expected (B, C, H, W) or (B, tokens, dim)")
+
+
 def least_squares(fs: torch.Tensor, fl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W, b of the 1x1 conv minimising ||[f_s, 1] W - f_l||^2 over every pixel of every sample (float64 on the
-    CPU: post-ReLU features often have dead channels, and gelsd gives the minimum-norm solution regardless)."""
-    cs, cl = fs.shape[1], fl.shape[1]
-    a = fs.permute(0, 2, 3, 1).reshape(-1, cs).double().cpu()
+    """W, b minimising ||[f_s, 1] W - f_l||^2 over every row (`rows`: every pixel or token of every sample), as
+    the stitching layer's weight (a 1x1 conv's for 4-d features, a linear layer's otherwise) and bias. Float64 on
+    the CPU: post-ReLU features often have dead channels, and gelsd gives the minimum-norm solution regardless."""
+    a, b = rows(fs).double().cpu(), rows(fl).double().cpu()
     a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    b = fl.permute(0, 2, 3, 1).reshape(-1, cl).double().cpu()
     sol = torch.linalg.lstsq(a, b, driver="gelsd").solution  # (cs + 1, cl)
-    return sol[:-1].T.reshape(cl, cs, 1, 1).float(), sol[-1].float()
+    w = sol[:-1].T  # (cl, cs)
+    return (w.reshape(*w.shape, 1, 1) if fs.dim() == 4 else w).float(), sol[-1].float()
 
 
 def build(small: nn.Module, large: nn.Module, points: list[int], x: torch.Tensor) -> StitchNet:
     """The stitch net with every stitching layer fitted by least squares on the batch `x` (preprocessed)."""
     fs, fl = boundary_features(small, x), boundary_features(large, x)
-    for k in points:
-        if fs[k].shape[2:] != fl[k].shape[2:]:
-            raise ValueError(f"stitch point {k}: feature maps {tuple(fs[k].shape)} vs {tuple(fl[k].shape)}")
-    net = StitchNet(small, large, {k: (fs[k].shape[1], fl[k].shape[1]) for k in points}, points[len(points) // 2])
+    for k in points:  # all but the channels must agree: the pixels of a map, the tokens of a stream
+        if fs[k].dim() not in LAYERS or fs[k].dim() != fl[k].dim() or _places(fs[k]) != _places(fl[k]):
+            raise ValueError(f"stitch point {k}: features {tuple(fs[k].shape)} vs {tuple(fl[k].shape)}")
+    channels = {k: (rows(fs[k]).shape[1], rows(fl[k]).shape[1]) for k in points}
+    net = StitchNet(small, large, channels, points[len(points) // 2], LAYERS[fs[points[0]].dim()])
     with torch.no_grad():
         for k in points:
             w, b = least_squares(fs[k], fl[k])
-            conv = net.stitches[str(k)]
-            conv.weight.copy_(w), conv.bias.copy_(b)
+            stitch = net.stitches[str(k)]
+            stitch.weight.copy_(w), stitch.bias.copy_(b)
     return net.to(x.device)
+
+
+def _places(f: torch.Tensor) -> tuple[int, ...]:
+    """The shape of features without their channels: (B, H, W) of a map, (B, tokens) of a token stream."""
+    return (f.shape[0], *f.shape[2:]) if f.dim() == 4 else tuple(f.shape[:-1])
 
 
 class StitchObjective(StepSeeded):

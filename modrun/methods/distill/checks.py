@@ -149,15 +149,6 @@ def check_layers(cfg: DictConfig, teacher_nodes: list[DictConfig]) -> list[str]:
 
 def _check_m2m(cfg: DictConfig, student, teacher) -> list[str]:  # noqa: ANN001
     """m2m stages checked on meta tensors: no memory, no time."""
-    import torch
+    from modrun.methods.distill.m2m import m2m_problems
 
-    from modrun.methods.distill.capture import resolve_layers
-    from modrun.methods.distill.m2m import stage_problems
-
-    try:
-        s_paths = resolve_layers(student, cfg.kd.m2m.student_stages, "kd.m2m.student_stages")
-        t_paths = resolve_layers(teacher, cfg.kd.m2m.teacher_stages, "kd.m2m.teacher_stages")
-    except UserError as e:
-        return e.messages
-    size, channels = int(cfg.data.image_size), int(cfg.data.channels)
-    return stage_problems(student, teacher, s_paths, t_paths, torch.zeros(2, channels, size, size, device="meta"))
+    return m2m_problems(cfg, student, teacher)

@@ -229,3 +229,36 @@ def test_depth_on_a_cnn_and_bad_skip_are_one_line():
                           ("[0,1,2,3]", "would skip every block"), ("two", "expected block indices")):  # fmt: skip
         r = cli("eval", str(source), f"skip={skip}")
         assert r.code == 2 and message in r.text, r.text
+
+
+def test_sensitivity_per_layer_skips_each_unit_alone_and_ranks_them():
+    """prune=sensitivity prune.unit=layer: every block, attention and MLP skipped alone; the block rows equal
+    `eval skip=[i]` (an independent path), the ranking is the rows sorted by val loss (minimised)."""
+    source = _source()
+    r = cli("prune", f"source.run={source}", "prune=sensitivity", "prune.unit=layer")
+    assert r.code == 0, r.text
+    run = only_run("prune")
+    rows = (run / "sensitivity.csv").read_text().splitlines()
+    assert rows[0] == "block,layer,part,val_loss,params" and len(rows) == 1 + 4 * 3
+    assert (run / "sensitivity.png").stat().st_size > 1000
+    summary = read_json(run / "summary.json")
+    table = summary["sensitivity"]
+    for part in ("block", "attention", "mlp"):
+        mine = sorted((r for r in table if r["part"] == part), key=lambda r: r["val_loss"])
+        assert summary["least_damaging"][part] == [r["block"] for r in mine]
+    blocks = {r["block"]: r["val_loss"] for r in table if r["part"] == "block"}
+    attention = {r["block"]: r["params"] for r in table if r["part"] == "attention"}
+    assert all(attention[r["block"]] < r["params"] for r in table if r["part"] == "block")
+    for i in (0, 3):
+        e = cli("eval", str(source), f"skip=[{i}]")
+        assert e.code == 0, e.text
+        last = yaml.safe_load((source / "evals.jsonl").read_text().splitlines()[-1])
+        assert last["val/loss"] == pytest.approx(blocks[i], rel=1e-5)
+    assert summary["final"]["val/loss"] < max(blocks.values())  # the dense score beside them
+
+
+def test_sensitivity_per_layer_needs_blocks_and_a_known_unit():
+    r = cli("validate", "prune", "prune=sensitivity", "prune.unit=layer")
+    assert r.code == 2 and "are not a list of transformer blocks" in r.text, r.text
+    r = cli("validate", "prune", *DEEP, "prune=sensitivity", "prune.unit=block")
+    assert r.code == 2 and "prune.unit=block: valid units are weight, layer" in r.text, r.text

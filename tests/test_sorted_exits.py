@@ -89,9 +89,10 @@ def test_an_exit_cut_out_computes_the_exit_and_loads_from_its_folder(tmp_path):
 
 
 def test_gpt_exits_through_the_cli_report_every_exit_and_eval_cuts_one_out():
-    r = cli("train", *GPT3, "nested=exits", "nested.exits=[1,2]", "kd=kd")
+    r = cli("train", *GPT3, "nested=sorted", "nested.exits=[1,2]", "kd=kd")  # Sorted LLaMA's spelling of nested=exits
     assert r.code == 0, r.text
     run = only_run()
+    assert OmegaConf.load(run / "config.yaml").nested.name == "exits"  # the record names the method it ran
     rows = read_json(run / "nested.json")
     assert [row["exit"] for row in rows] == [1, 2, 3]
     assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] and rows[0]["macs"] < rows[2]["macs"]
@@ -155,6 +156,11 @@ def test_exits_bad_input_is_one_line_and_no_run_folder(args, message):
     r = cli("train", *base, "nested=exits", *args)
     assert r.code == 2 and message in r.err and "Traceback" not in r.text, r.text
     assert not Path("runs").exists()
+
+
+def test_sorted_exits_with_widths_is_one_line():
+    r = cli("train", *GPT3, "nested=sorted", "nested.exits=[1,2]", "nested.widths=[0.5,1.0]")
+    assert r.code == 2 and "nested.exits with nested.widths: exits train depths of whole blocks" in r.err, r.text
 
 
 def test_eval_refuses_an_exit_the_run_did_not_train():

@@ -108,8 +108,12 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir, *calib)
     pruner = PRUNERS.get(p.name)(ctx, **args)
     if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
-        result = pruner.analyse(lambda: evaluate(model, data.val, prep, eval_bs, device)["top1"], run_dir)
-        return {**result, "final": {"val/top1": result["base_val_top1"]}, "dense": dense_cost}
+        task = split_task(data.val)
+
+        def score() -> float:
+            return evaluate(model, data.val, prep, eval_bs, device)[task.best]
+
+        return {**pruner.analyse(score, task.best, task.maximize, run_dir), "dense": dense_cost}
     # the optimiser steps the loop will take (per process, K batches each): gradual schedules count those
     steps = int(cfg.trainer.epochs) * epoch_length(cfg.trainer, len(data.train), int(cfg.data.batch_size))[1]
     pruner.start(steps)  # one-shot pruning happens here; it is deterministic, so a resume redoes it
@@ -203,6 +207,6 @@ def _test_scores(scores: dict[str, float]) -> dict[str, float]:
 # the pruned model's cost (report.measure, report.latencies), and sensitivity's findings
 SUMMARY_KEYS = (
     *("sparse_macs", "file_bytes", "latency_ms_cpu_b1", "latency_ms_cpu_b64", "latency_ms_cuda_b64", "speedup_cpu_b64"),
-    *("base_val_top1", "suggested_overall_sparsity"),
+    "suggested_overall_sparsity",
 )
 RECIPE = Recipe(run=prune, check=check, needs=needs, summary_keys=SUMMARY_KEYS)

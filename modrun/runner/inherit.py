@@ -26,6 +26,7 @@ KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def with_source(composer: Composer, overrides: list[str]) -> list[str]:
     """`overrides` with the source (teacher) run's group choices put first (once: lines it wrote are choices).
     A sweep over source.run inherits alike from every run it names, or names model= and data= itself."""
+    overrides = _sorted_exits(composer, overrides)
     parsed = composer.parse(overrides)
     if any(o.key_or_group == "experiment" for o in parsed):
         return overrides  # a recipe chooses its own groups
@@ -44,6 +45,23 @@ def with_source(composer: Composer, overrides: list[str]) -> list[str]:
             raise UserError(f"{key}: the runs swept were trained on different models or data; name the groups")
         lines += found.pop() if found else ()
     return [*lines, *overrides]
+
+
+def _sorted_exits(composer: Composer, overrides: list[str]) -> list[str]:
+    """`nested=sorted nested.exits=[...]` (Sorted LLaMA's spelling, SortedNet in depth) is nested=exits: the
+    choice is written out so the run's record names the method it ran."""
+    parsed = composer.parse(overrides)
+    keys = {o.key_or_group for o in parsed}
+    if "nested.exits" not in keys or not any(_is_sorted(o) for o in parsed):
+        return overrides
+    widths = sorted(k for k in keys if k in ("nested.widths", "nested.depths"))
+    if widths:
+        raise UserError(f"nested.exits with {widths[0]}: exits train depths of whole blocks; drop one of them")
+    return ["nested=exits" if _is_sorted(o) else o.input_line for o in parsed]
+
+
+def _is_sorted(o: Any) -> bool:
+    return o.key_or_group == "nested" and not o.package and not o.is_sweep_override() and o.value() == "sorted"
 
 
 def _inherited(composer: Composer, run: str, groups: list[tuple[str, str, str]], given: set[str]) -> list[str]:

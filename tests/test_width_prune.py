@@ -183,3 +183,73 @@ def test_a_ratio_that_removes_no_key_value_group_is_refused(tmp_path):
     r = cli("prune", "model=hf", f"model.path={tmp_path / 'llama'}", *text, "prune=channel", "prune.ratio=0.3",
             "recover=none", "source.epochs=0")  # fmt: skip
     assert r.code == 2 and "prune.ratio=0.3: removes no key-value group of 2" in r.text, r.text
+
+
+def _taylor_ctx(model: torch.nn.Module, batches: list[torch.Tensor]) -> PruneContext:
+    """A context whose calibration gradient is the mean next-token loss over `batches` (as the recipe's)."""
+
+    def backward(n: int) -> None:
+        model.zero_grad(set_to_none=True)
+        for x in batches[:n]:
+            logits = model(x[:, :-1])
+            (F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / n).backward()
+
+    return PruneContext(model, {}, 0, batches[0][:1, :-1], 256, Path("."), calibration_backward=backward)
+
+
+def _hand_grads(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each weight times its loss gradient, computed here on a copy (the formula's w x dL/dw)."""
+    twin = copy.deepcopy(model)
+    loss = sum(F.cross_entropy(twin(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) for x in batches) / len(batches)
+    loss.backward()
+    return {n: (p * p.grad).detach() for n, p in twin.named_parameters() if p.grad is not None}
+
+
+def test_taylor_keeps_the_mlp_neurons_of_largest_first_order_score():
+    """Molchanov et al. 2019: a neuron's score is sum |w x dL/dw| over its fc row and its proj column."""
+    torch.manual_seed(3)
+    dense = GPT(256, 32, n_layer=2, n_head=4, n_embd=64).eval()
+    batches = [torch.randint(0, 256, (16, 33)) for _ in range(3)]
+    wg = _hand_grads(dense, batches)
+    model = copy.deepcopy(dense)
+    channel(_taylor_ctx(model, batches), ratio=0.5, importance="taylor", calib_batches=3).start(0)
+    for i, (b_dense, b) in enumerate(zip(dense.blocks, model.blocks, strict=True)):
+        score = wg[f"blocks.{i}.mlp.fc.weight"].abs().sum(1) + wg[f"blocks.{i}.mlp.proj.weight"].abs().sum(0)
+        kept = sorted(_kept_rows(b_dense.mlp.fc.weight, b.mlp.fc.weight))
+        assert kept == sorted(score.topk(128).indices.tolist())
+        assert b.attn.heads == 2
+    assert all(p.grad is None for p in model.parameters())  # the calibration's gradients are not training's
+
+
+def test_taylor_on_llama_scores_groups_and_neurons_by_hand():
+    from modrun.components.models.hf import HFCausalLM
+
+    dense = HFCausalLM(_llama())
+    batches = [torch.randint(0, 256, (8, 25)) for _ in range(2)]
+    wg = _hand_grads(dense, batches)
+    model = copy.deepcopy(dense)
+    channel(_taylor_ctx(model, batches), ratio=0.5, importance="taylor", calib_batches=2).start(0)
+    d = 8
+    for i, (layer, ref) in enumerate(zip(model.model.model.layers, dense.model.model.layers, strict=True)):
+        key = f"model.model.layers.{i}."
+        a = {p: wg[f"{key}self_attn.{p}_proj.weight"] for p in "qkvo"}
+        owned = [a["q"].reshape(2, -1), a["k"].reshape(2, -1), a["v"].reshape(2, -1), a["o"].T.reshape(2, -1)]
+        kept = int(torch.cat(owned, 1).abs().sum(1).argmax())
+        torch.testing.assert_close(
+            layer.self_attn.k_proj.weight, ref.self_attn.k_proj.weight[kept * d : (kept + 1) * d]
+        )
+        m = {p: wg[f"{key}mlp.{p}_proj.weight"] for p in ("gate", "up", "down")}
+        score = m["gate"].abs().sum(1) + m["up"].abs().sum(1) + m["down"].abs().sum(0)
+        want = sorted(score.topk(32).indices.tolist())
+        assert sorted(_kept_rows(ref.mlp.up_proj.weight, layer.mlp.up_proj.weight)) == want
+
+
+def test_taylor_through_the_cli_on_a_gpt():
+    source = _gpt_source()
+    r = cli("prune", f"source.run={source}", "prune=channel", "prune.importance=taylor", "prune.calib_batches=2",
+            "recover=none")  # fmt: skip
+    assert r.code == 0, r.text
+    summary = read_json(only_run("prune") / "summary.json")
+    assert summary["pruned"]["params"] < 0.7 * summary["dense"]["params"]
+    r = cli("validate", "prune", f"source.run={source}", "prune=channel", "prune.importance=taylr")
+    assert r.code == 2 and "prune.importance=taylr: expected one of l1, l2, group_l2, taylor, random" in r.text

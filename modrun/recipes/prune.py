@@ -104,7 +104,7 @@ def prune(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     targets = select_layers(model, list(p.include), list(p.exclude), list(p.types))
     example = data.example(1, device)  # an image, or a window of tokens
     args = {k: v for k, v in OmegaConf.to_container(p, resolve=True).items() if k not in RUNNER_KEYS}
-    calib = _calibration(cfg, data, prep), _calibration_loss(cfg, data, prep, model)
+    calib = _calibration(cfg, data, prep), *_calibration_loss(cfg, data, prep, model)
     ctx = PruneContext(model, targets, int(cfg.seed), example, data.num_classes, run_dir, *calib)
     pruner = PRUNERS.get(p.name)(ctx, **args)
     if getattr(pruner, "analysis", False):  # sensitivity: measures, prunes nothing
@@ -185,8 +185,9 @@ def _calibration(cfg: DictConfig, data: Any, prep: Preprocess) -> Any:
     return lambda n: lambda: (x for x, _ in _first_batches(cfg, data, prep, n))
 
 
-def _calibration_loss(cfg: DictConfig, data: Any, prep: Preprocess, model: torch.nn.Module) -> Any:
-    """n -> the model's mean task loss (per item) over the first n training batches, as the model is now."""
+def _calibration_loss(cfg: DictConfig, data: Any, prep: Preprocess, model: torch.nn.Module) -> tuple[Any, Any]:
+    """n -> the model's mean task loss (per item) over the first n training batches, as the model is now; and
+    n -> that loss's gradient accumulated into the model's .grad (set afresh)."""
 
     def loss(n: int) -> float:
         task, total, count = split_task(data.train), 0.0, 0
@@ -196,7 +197,19 @@ def _calibration_loss(cfg: DictConfig, data: Any, prep: Preprocess, model: torch
                 count += y.numel()
         return total / max(count, 1)
 
-    return loss
+    def backward(n: int) -> None:
+        task, count, was_training = split_task(data.train), 0, model.training
+        model.eval().zero_grad(set_to_none=True)  # eval: no dropout, the gradient of the model as it will be used
+        with torch.enable_grad():
+            for x, y in _first_batches(cfg, data, prep, n):
+                (task.loss(model(x), y) * y.numel()).backward()
+                count += y.numel()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(max(count, 1))
+        model.train(was_training)
+
+    return loss, backward
 
 
 def _test_scores(scores: dict[str, float]) -> dict[str, float]:

@@ -27,6 +27,8 @@ class PruneContext:
     calibration: Callable[[int], Callable[[], Iterable[torch.Tensor]]] | None = None
     # n -> the model's mean task loss over those n batches, as it is now (depth pruning's `loss` score)
     calibration_loss: Callable[[int], float] | None = None
+    # n -> accumulate into the model's .grad the gradient of that mean loss (importance=taylor's |w x dL/dw|)
+    calibration_backward: Callable[[int], None] | None = None
 
 
 def select_layers(model: nn.Module, include: list[str], exclude: list[str], types: list[str]) -> dict[str, nn.Module]:

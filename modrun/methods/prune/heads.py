@@ -7,7 +7,9 @@ key-value head, its MLP is gate/up rows and down columns. A key-value group (one
 q heads that read it) is the unit removed from attention, so every kept query head still finds its key and
 value head and `num_key_value_groups` stays as it was; an MLP neuron is one gate row, one up row and one down
 column. A unit's importance is the l1 or l2 norm of all the weights it owns (as Torch-Pruning's
-MagnitudeImportance over a group, summed); the residual width, embeddings, norms and head never change."""
+MagnitudeImportance over a group, summed), or for `taylor` the sum of |w x dL/dw| over them (Molchanov et al.
+2019, as Torch-Pruning's TaylorImportance summed over the group); the residual width, embeddings, norms and
+head never change."""
 
 from __future__ import annotations
 
@@ -39,18 +41,24 @@ def _norm(weights: list[torch.Tensor], dim: int, p: int) -> torch.Tensor:
     return total if p == 1 else total.sqrt()
 
 
-def group_scores(attn: nn.Module, p: int) -> torch.Tensor:
+def _weight(layer: nn.Linear, taylor: bool) -> torch.Tensor:
+    """What a unit's score sums: the weights, or (taylor) each weight times its loss gradient."""
+    return layer.weight * layer.weight.grad if taylor else layer.weight
+
+
+def group_scores(attn: nn.Module, p: int, taylor: bool = False) -> torch.Tensor:
     """One score per key-value group: its q, k, v rows and its o columns."""
     d, kv = int(attn.head_dim), attn.k_proj.out_features // int(attn.head_dim)
-    q = attn.q_proj.weight.reshape(kv, -1, attn.q_proj.in_features)  # (groups, g*d, hidden)
-    k = attn.k_proj.weight.reshape(kv, d, -1)
-    v = attn.v_proj.weight.reshape(kv, d, -1)
-    o = attn.o_proj.weight.reshape(attn.o_proj.out_features, kv, -1).transpose(0, 1)  # (groups, hidden, g*d)
+    q = _weight(attn.q_proj, taylor).reshape(kv, -1, attn.q_proj.in_features)  # (groups, g*d, hidden)
+    k = _weight(attn.k_proj, taylor).reshape(kv, d, -1)
+    v = _weight(attn.v_proj, taylor).reshape(kv, d, -1)
+    o = _weight(attn.o_proj, taylor).reshape(attn.o_proj.out_features, kv, -1).transpose(0, 1)  # (groups, hidden, g*d)
     return _norm([w.reshape(kv, -1) for w in (q, k, v, o)], 1, p)
 
 
-def neuron_scores(mlp: nn.Module, p: int) -> torch.Tensor:
-    return _norm([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.t()], 1, p)
+def neuron_scores(mlp: nn.Module, p: int, taylor: bool = False) -> torch.Tensor:
+    layers = (_weight(mlp.gate_proj, taylor), _weight(mlp.up_proj, taylor), _weight(mlp.down_proj, taylor).t())
+    return _norm(list(layers), 1, p)
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
@@ -115,10 +123,10 @@ def prune_llama(
         gen = torch.Generator().manual_seed(seed)
         group = [torch.rand(a.k_proj.out_features // int(a.head_dim), generator=gen) for a, _ in blocks]
         neuron = [torch.rand(m.up_proj.out_features, generator=gen) for _, m in blocks]
-    else:
-        p = 1 if importance == "l1" else 2
-        group = [group_scores(a, p) for a, _ in blocks]
-        neuron = [neuron_scores(m, p) for _, m in blocks]
+    else:  # taylor: the l1 norm of w x dL/dw
+        p, taylor = (2 if importance == "l2" else 1), importance == "taylor"
+        group = [group_scores(a, p, taylor) for a, _ in blocks]
+        neuron = [neuron_scores(m, p, taylor) for _, m in blocks]
     for (attn, mlp), groups, neurons in zip(
         blocks,
         _choose(group, ratio, global_pruning, "key-value group"),

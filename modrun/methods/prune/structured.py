@@ -17,16 +17,19 @@ from modrun.core.errors import UserError
 from modrun.methods.prune.context import PruneContext
 from modrun.methods.prune.heads import llama_blocks, prune_llama, rewrite_config
 
-IMPORTANCE = ("l1", "l2", "group_l2", "random")
+IMPORTANCE = ("l1", "l2", "group_l2", "taylor", "random")
 
 
 class ChannelPruner:
     structured = True
 
-    def __init__(self, ctx: PruneContext, ratio: float, importance: str, global_pruning: bool) -> None:
+    def __init__(
+        self, ctx: PruneContext, ratio: float, importance: str, global_pruning: bool, calib_batches: int
+    ) -> None:
         self.model, self.targets, self.ratio, self.num_classes = ctx.model, ctx.targets, ratio, ctx.num_classes
         self.importance, self.global_pruning, self.example = importance, global_pruning, ctx.example
         self.seed, self.sizes, self.hf_config = ctx.seed, None, None
+        self.backward, self.calib_batches = ctx.calibration_backward, calib_batches
 
     def start(self, total_steps: int) -> None:
         """Remove the channels now (once); training afterwards recovers accuracy."""
@@ -36,6 +39,10 @@ class ChannelPruner:
             raise UserError("prune=channel needs Torch-Pruning: pip install torch-pruning") from None
         if any(isinstance(m, PrefixLinear) for m in self.model.modules()):  # its input slice is invisible to the graph
             raise UserError("prune=channel: this model reads a prefix of its embedding (a matryoshka cut-out)")
+        if self.importance == "taylor":  # Molchanov et al. 2019: |w x dL/dw| on calibration batches
+            if self.backward is None:
+                raise UserError("prune.importance=taylor needs calibration batches of the training data")
+            self.backward(self.calib_batches)
         llama = llama_blocks(self.model)
         if llama:  # Hugging Face Llama-style blocks: sliced by hand (see heads.py for why)
             self.sizes = prune_llama(llama, self.ratio, self.importance, self.global_pruning, self.seed)
@@ -47,6 +54,7 @@ class ChannelPruner:
             "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
             "group_l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "taylor": lambda: tp.importance.TaylorImportance(group_reduction="sum"),  # over every weight the unit owns
             "random": lambda: tp.importance.RandomImportance(),
         }[self.importance]()
         targeted = {id(m) for m in self.targets.values()}
@@ -73,6 +81,7 @@ class ChannelPruner:
         pruner.step()
         if heads is not None:
             set_head_counts(self.model, pruner.num_heads)
+        self.model.zero_grad(set_to_none=True)  # taylor's gradients were the calibration's, not training's
 
     def after_step(self, step: int) -> None:
         pass
@@ -122,13 +131,15 @@ def set_head_counts(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
 
 
 def channel(
-    ctx: PruneContext, ratio: float = 0.5, importance: str = "l1", global_pruning: bool = False
+    ctx: PruneContext, ratio: float = 0.5, importance: str = "l1", global_pruning: bool = False, calib_batches: int = 8
 ) -> ChannelPruner:
     """Remove `ratio` of the output channels of every targeted layer (or globally), by weight importance."""
+    if calib_batches < 1:
+        raise UserError(f"prune.calib_batches={calib_batches}: must be at least 1")
     if not 0.0 < ratio < 1.0:
         raise UserError(f"prune.ratio={ratio}: must be in (0, 1)")
     if importance not in IMPORTANCE:
         raise UserError(f"prune.importance={importance}: expected one of {', '.join(IMPORTANCE)}")
     if importance == "random":
         torch.manual_seed(ctx.seed)
-    return ChannelPruner(ctx, ratio, importance, global_pruning)
+    return ChannelPruner(ctx, ratio, importance, global_pruning, calib_batches)

@@ -123,9 +123,37 @@ def test_killed_wanda_recovery_resumes_bitwise(tmp_path):
         (["prune.include=[features.*]"], "prune: no Linear layer matches"),
         (["prune.n_m=[4,2]"], "prune.n_m=[4, 2]: expected [N, M] with 0 < N < M"),
         (["prune.calib_batches=0"], "prune.calib_batches=0: must be >= 1"),
+        (["prune.sparsity=0.5"], "prune=wanda: the only Linear layer chosen is the output head (fc)"),
     ],
 )
 def test_wanda_bad_input_is_one_line(args, message):
     r = cli("prune", *FAST, "prune=wanda", *args)
     assert r.code == 2 and message in r.err and "Traceback" not in r.text, r.text
     assert not (Path("runs") / "prune").exists()
+
+
+@pytest.mark.parametrize("n_m", [None, "[2,4]"])
+def test_wanda_on_a_hugging_face_llama_through_the_cli(tmp_path, n_m):
+    """Every projection of every block gets Wanda's per-row masks; the LM head and embeddings stay dense."""
+    transformers = pytest.importorskip("transformers")
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = transformers.LlamaConfig(vocab_size=256, num_hidden_layers=2, max_position_embeddings=64, **sizes)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    text = ["data=python_docs", "data.block_size=32", "data.windows_per_epoch=64", "data.batch_size=16"]
+    r = cli("train", "model=hf", f"model.path={tmp_path / 'llama'}", *text, "trainer.epochs=0", "runs_dir=src")
+    assert r.code == 0, r.text
+    how = [f"prune.n_m={n_m}"] if n_m else ["prune.sparsity=0.5"]
+    r = cli("prune", f"source.run={only_run(runs_dir=Path('src'))}", "prune=wanda", *how, "recover=none")
+    assert r.code == 0, r.text
+    weights = load_file(only_run("prune") / "model.safetensors")
+    projections = [k for k in weights if ".layers." in k and k.endswith("_proj.weight")]
+    assert len(projections) == 2 * 7
+    for key in projections:
+        w = weights[key]
+        if n_m:
+            assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all()), key
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all(), key
+    assert (
+        not (weights["model.lm_head.weight"] == 0).any() and not (weights["model.model.embed_tokens.weight"] == 0).any()
+    )
+    assert cli("eval", str(only_run("prune"))).code == 0

@@ -4,12 +4,15 @@ A weight's score is |W_ij| * ||X_j||_2, its magnitude times the L2 norm of its i
 (or position) of `calib_batches` training batches; each output row keeps its highest-scoring (1 - sparsity)
 weights, or with `n_m=[N, M]` at most N of every M consecutive inputs (2:4 for the sparse tensor cores of
 recent GPUs). As in the paper, the blocks are pruned in order and each block's statistics come from
-calibration inputs that already went through the pruned blocks before it; layers outside the blocks (a
-classifier head) are pruned last. The masks are kept during recovery, as magnitude pruning's are.
+calibration inputs that already went through the pruned blocks before it; other layers outside the blocks are
+pruned last, and the output head (a Linear outside the blocks whose outputs are the classes or the vocabulary)
+is kept dense, as the paper keeps the embedding and the LM head. The masks are kept during recovery, as
+magnitude pruning's are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -109,4 +112,10 @@ def wanda(
             raise UserError(f"prune.n_m={list(n_m)}: layer {bad[0]} has inputs not divisible by {pair[1]}")
     elif not 0.0 <= sparsity < 1.0:
         raise UserError(f"prune.sparsity={sparsity}: must be in [0, 1)")
+    blocks = tuple(f"{b}." for b in getattr(ctx.model, "feature_layers", ()) or ())
+    head = {n for n, m in ctx.targets.items() if not n.startswith(blocks) and m.out_features == ctx.num_classes}
+    if head and len(head) == len(ctx.targets):
+        raise UserError(f"prune=wanda: the only Linear layer chosen is the output head ({sorted(head)[0]}), which "
+                        "Wanda keeps dense")  # fmt: skip
+    ctx = dataclasses.replace(ctx, targets={n: m for n, m in ctx.targets.items() if n not in head})
     return WandaPruner(ctx, sparsity, pair, ctx.calibration(calib_batches) if ctx.calibration else None)

@@ -329,3 +329,30 @@ def test_merging_settings_and_families_are_checked_before_any_work(farm, tmp_pat
     r = cli("soup", runs[0], str(only_run("train", tmp_path)), "soup=ties")
     assert r.code == 2 and "soup ingredients need the same model" in r.err and "Traceback" not in r.text, r.text
     assert not (Path("runs") / "soup").exists()
+
+
+def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
+    """A GPT's blocks are LiNeS's layers: the embeddings scale as block 1, blocks.i as alpha + beta i / (L - 1),
+    the final norm as block L; TIES and DARE merge the same GPT runs."""
+    gpt = ["model=gpt", "data=python_docs", "model.n_layer=3", "model.n_embd=32", "model.n_head=2",
+           "data.block_size=32", "data.windows_per_epoch=32", "trainer.progress=false"]  # fmt: skip
+    assert cli("train", *gpt, "trainer.epochs=1", "runs_dir=src").code == 0
+    source = only_run("train", Path("src"))
+    tunes = []
+    for seed in (1, 2):
+        r = cli("prune", f"source.run={source}", "prune.sparsity=0", "recover=finetune", "trainer.epochs=1",
+                f"seed={seed}", f"runs_dir=ft{seed}", "trainer.progress=false")  # fmt: skip
+        assert r.code == 0, r.text
+        tunes.append(only_run("prune", Path(f"ft{seed}")))
+    r = cli("soup", *map(str, tunes), "soup=task_arithmetic", "scale=1", "lines.alpha=0.2", "lines.beta=0.6")
+    assert r.code == 0, r.text
+    merged, base = _weights(only_run("soup")), _weights(source)
+    taus = [{k: _weights(t)[k] - base[k] for k in base} for t in tunes]
+    depth = {"tok_emb.": 0.2, "pos_emb.": 0.2, "blocks.0.": 0.2, "blocks.1.": 0.5, "blocks.2.": 0.8, "ln_f.": 0.8}
+    for k, b in base.items():
+        scale = next(v for prefix, v in depth.items() if k.startswith(prefix))
+        torch.testing.assert_close(merged[k], b + scale * (taus[0][k] + taus[1][k]), rtol=0, atol=1e-6)
+    for soup in (["soup=ties", "density=0.5"], ["soup=dare", "drop_rate=0.5"]):
+        r = cli("soup", *map(str, tunes), *soup, "runs_dir=more")
+        assert r.code == 0 and "test/bpb" in read_json(only_run("soup", Path("more")) / "summary.json")["final"], r.text
+        shutil.rmtree("more")

@@ -220,7 +220,8 @@ def soup_runs(args: list[str]) -> int:
             if base is None:
                 soup = cook(cfg, rows, [ing["state"] for ing in ings], score)
             else:
-                soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score, blocks)
+                order = list(model.state_dict())  # the model's own order: safetensors files sort their keys
+                soup, scale = merge.cook(cfg, rows, [ing["state"] for ing in ings], base["state"], score, blocks, order)
                 soup = {k: v * masks[k] if k in masks else v for k, v in soup.items()}  # a shared mask stays
                 merged.update(base=str(base["run"]), scale=scale, **_method_settings(cfg))
             for key, mask in masks.items():  # averaging keeps zeros; checked, since the mask is the point

@@ -92,12 +92,14 @@ def cook(
     base: dict[str, torch.Tensor],
     score: Any,
     blocks: tuple[str, ...] = (),
+    order: list[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """The merged weights and the scale used (the best of the grid on val when cfg.scale is null)."""
+    """The merged weights and the scale used (the best of the grid on val when cfg.scale is null). `order`: the
+    model's state-dict keys in its own order (LiNeS places the weights outside the blocks by it)."""
     layer_scales = {str(k): float(v) for k, v in (cfg.layer_scales or {}).items()}
     lines = cfg.lines
     depth = (
-        vectors.lines_scale(list(base), blocks, float(lines.alpha), float(lines.beta))
+        vectors.lines_scale(order or list(base), blocks, float(lines.alpha), float(lines.beta))
         if lines.alpha is not None
         else lambda key: 1.0
     )

@@ -67,7 +67,7 @@ def lines_scale(keys: list[str], blocks: tuple[str, ...], alpha: float, beta: fl
     """LiNeS: the scale of each state-dict key by the depth of the block holding it (`blocks` in order)."""
     depth: dict[str, int] = {}
     seen_a_block = False
-    for key in keys:  # state-dict order follows the model's: what precedes the first block is its input side
+    for key in keys:  # in the model's state-dict order (not a file's sorted one): before the first block is its input
         own = next((i for i, b in enumerate(blocks) if key.startswith(b + ".")), None)
         seen_a_block = seen_a_block or own is not None
         depth[key] = own if own is not None else (len(blocks) - 1 if seen_a_block else 0)

@@ -262,3 +262,20 @@ def test_sensitivity_per_layer_needs_blocks_and_a_known_unit():
     assert r.code == 2 and "are not a list of transformer blocks" in r.text, r.text
     r = cli("validate", "prune", *DEEP, "prune=sensitivity", "prune.unit=block")
     assert r.code == 2 and "prune.unit=block: valid units are weight, layer" in r.text, r.text
+
+
+def test_vit_sensitivity_per_layer_and_eval_skip():
+    r = cli("train", "model=vit", "data=digits", *FAST[:1], "model.depth=3", "model.dim=32", "model.heads=2",
+            "data.batch_size=64", "trainer.progress=false", "runs_dir=src")  # fmt: skip
+    assert r.code == 0, r.text
+    source = only_run(runs_dir=Path("src"))
+    r = cli("prune", f"source.run={source}", "prune=sensitivity", "prune.unit=layer")
+    assert r.code == 0, r.text
+    summary = read_json(only_run("prune") / "summary.json")
+    assert (only_run("prune") / "sensitivity.csv").read_text().splitlines()[0] == "block,layer,part,val_top1,params"
+    worst = summary["least_damaging"]["block"][-1]
+    block = next(r for r in summary["sensitivity"] if r["part"] == "block" and r["block"] == worst)
+    e = cli("eval", str(source), f"skip=[{worst}]")
+    assert e.code == 0, e.text
+    last = yaml.safe_load((source / "evals.jsonl").read_text().splitlines()[-1])
+    assert last["val/top1"] == pytest.approx(block["val_top1"], abs=1e-6)

@@ -157,3 +157,15 @@ def test_wanda_on_a_hugging_face_llama_through_the_cli(tmp_path, n_m):
         not (weights["model.lm_head.weight"] == 0).any() and not (weights["model.model.embed_tokens.weight"] == 0).any()
     )
     assert cli("eval", str(only_run("prune"))).code == 0
+
+
+def test_wanda_on_a_vit_keeps_the_classifier_dense():
+    r = cli("train", "model=vit", "data=digits", *FAST[:1], "model.depth=2", "model.dim=32", "model.heads=4",
+            "data.batch_size=64", "trainer.progress=false", "runs_dir=src")  # fmt: skip
+    assert r.code == 0, r.text
+    r = cli("prune", f"source.run={only_run(runs_dir=Path('src'))}", "prune=wanda", "prune.n_m=[2,4]", "recover=none")
+    assert r.code == 0, r.text
+    weights = load_file(only_run("prune") / "model.safetensors")
+    for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc.weight", "blocks.1.mlp.proj.weight"):
+        assert bool((weights[key].reshape(weights[key].shape[0], -1, 4) != 0).sum(-1).eq(2).all()), key
+    assert not (weights["head.weight"] == 0).any()

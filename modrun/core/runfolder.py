@@ -9,12 +9,10 @@ import errno
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from modrun.core import index, records
+from modrun.core.environment import env_info, git_info
 from modrun.core.errors import UserError, WriteFailed
 
 PREREQUISITES = "prerequisites.json"  # the runs this run needed first (written by modrun.runner.prerequisites)
@@ -138,63 +137,16 @@ def set_status(run_dir: Path, state: str, **fields: Any) -> None:
     write_json(path, status)
 
 
-def _now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def env_info() -> dict[str, Any]:
-    """Versions and hardware: what a reader needs to judge whether a result should reproduce."""
-    import importlib.metadata as md
-
-    import torch
-
-    import modrun
-
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "modrun": modrun.__version__,
-        "argv": sys.argv,
-    }
-    info["packages"] = dict(sorted((d.metadata["Name"] or "?", d.version) for d in md.distributions()))
-    return info
-
-
-def git_info(cwd: Path) -> tuple[dict[str, Any], str] | None:
-    """Commit and dirty state of the user's working directory, or None when it is not a repo."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout
-
-    try:
-        commit = git("rev-parse", "HEAD").strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    diff = git("diff", "HEAD")
-    info = {
-        "commit": commit,
-        "branch": git("rev-parse", "--abbrev-ref", "HEAD").strip(),
-        "dirty": bool(git("status", "--porcelain").strip()),
-        "root": git("rev-parse", "--show-toplevel").strip(),
-    }
-    return info, diff
-
-
 def record_environment(run_dir: Path) -> None:
     write_json(run_dir / "env.json", env_info())
     git = git_info(Path.cwd())
     if git is not None:
         write_json(run_dir / "git.json", git[0])
         atomic_write(run_dir / "git.diff", git[1])
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 @contextmanager

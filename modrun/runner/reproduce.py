@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from modrun.core.environment import env_info, git_info
 from modrun.core.errors import UnsafeInput, UserError
 from modrun.core.records import read_lines
 from modrun.core.registry import RECIPES
-from modrun.core.runfolder import discard_run_dir, env_info, git_info, read_json, reserve_run_dir, write_json
+from modrun.core.runfolder import discard_run_dir, read_json, reserve_run_dir, write_json
 
 # what can change a result; executable and argv always differ and say nothing about the numbers
 ENV_KEYS = ("python", "torch", "modrun", "platform", "machine", "cpu_count", "torch_threads", "cuda", "gpus")

@@ -242,6 +242,7 @@ def test_taylor_on_llama_scores_groups_and_neurons_by_hand():
         score = m["gate"].abs().sum(1) + m["up"].abs().sum(1) + m["down"].abs().sum(0)
         want = sorted(score.topk(32).indices.tolist())
         assert sorted(_kept_rows(ref.mlp.up_proj.weight, layer.mlp.up_proj.weight)) == want
+    assert all(p.grad is None for p in model.parameters())  # the calibration's gradients are not training's
 
 
 def test_taylor_through_the_cli_on_a_gpt():

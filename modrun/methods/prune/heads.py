@@ -123,8 +123,8 @@ def prune_llama(
         gen = torch.Generator().manual_seed(seed)
         group = [torch.rand(a.k_proj.out_features // int(a.head_dim), generator=gen) for a, _ in blocks]
         neuron = [torch.rand(m.up_proj.out_features, generator=gen) for _, m in blocks]
-    else:  # taylor: the l1 norm of w x dL/dw
-        p, taylor = (2 if importance == "l2" else 1), importance == "taylor"
+    else:  # taylor: the l1 norm of w x dL/dw; group_l2 is l2 (a unit's weights are one group here)
+        p, taylor = (1 if importance in ("l1", "taylor") else 2), importance == "taylor"
         group = [group_scores(a, p, taylor) for a, _ in blocks]
         neuron = [neuron_scores(m, p, taylor) for _, m in blocks]
     for (attn, mlp), groups, neurons in zip(

@@ -49,6 +49,7 @@ class ChannelPruner:
             config = getattr(getattr(self.model, "model", None), "config", None)
             if config is not None and rewrite_config(config, self.sizes, int(llama[0][0].head_dim)):
                 self.hf_config = config
+            self.model.zero_grad(set_to_none=True)  # taylor's gradients were the calibration's, not training's
             return
         importance = {
             "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),

@@ -107,9 +107,6 @@ def wanda(
         if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
             raise UserError(f"prune.n_m={list(n_m)}: expected [N, M] with 0 < N < M, e.g. [2, 4]")
         pair = (int(n_m[0]), int(n_m[1]))
-        bad = [n for n, m in ctx.targets.items() if m.in_features % pair[1]]
-        if bad:
-            raise UserError(f"prune.n_m={list(n_m)}: layer {bad[0]} has inputs not divisible by {pair[1]}")
     elif not 0.0 <= sparsity < 1.0:
         raise UserError(f"prune.sparsity={sparsity}: must be in [0, 1)")
     blocks = tuple(f"{b}." for b in getattr(ctx.model, "feature_layers", ()) or ())
@@ -118,4 +115,7 @@ def wanda(
         raise UserError(f"prune=wanda: the only Linear layer chosen is the output head ({sorted(head)[0]}), which "
                         "Wanda keeps dense")  # fmt: skip
     ctx = dataclasses.replace(ctx, targets={n: m for n, m in ctx.targets.items() if n not in head})
+    bad = [n for n, m in ctx.targets.items() if pair and m.in_features % pair[1]]
+    if bad:
+        raise UserError(f"prune.n_m={list(n_m)}: layer {bad[0]} has inputs not divisible by {pair[1]}")
     return WandaPruner(ctx, sparsity, pair, ctx.calibration(calib_batches) if ctx.calibration else None)

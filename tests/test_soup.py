@@ -356,3 +356,26 @@ def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
         r = cli("soup", *map(str, tunes), *soup, "runs_dir=more")
         assert r.code == 0 and "test/bpb" in read_json(only_run("soup", Path("more")) / "summary.json")["final"], r.text
         shutil.rmtree("more")
+
+
+def test_ties_with_lines_on_vit_fine_tunes(tmp_path):
+    """A ViT's blocks are LiNeS's layers too: the patch embedding scales as block 1, the head as block L."""
+    vit = ["model=vit", "data=digits", "model.depth=2", "model.dim=32", "model.heads=2", "data.batch_size=64",
+           "trainer.progress=false"]  # fmt: skip
+    assert cli("train", *vit, "trainer.epochs=1", "runs_dir=src").code == 0
+    source = only_run("train", Path("src"))
+    tunes = []
+    for seed in (1, 2):
+        r = cli("prune", f"source.run={source}", "prune.sparsity=0", "recover=finetune", "trainer.epochs=1",
+                f"seed={seed}", f"runs_dir=ft{seed}", "trainer.progress=false")  # fmt: skip
+        assert r.code == 0, r.text
+        tunes.append(only_run("prune", Path(f"ft{seed}")))
+    r = cli("soup", *map(str, tunes), "soup=task_arithmetic", "scale=1", "lines.alpha=0.2", "lines.beta=0.6")
+    assert r.code == 0, r.text
+    merged, base = _weights(only_run("soup")), _weights(source)
+    taus = [{k: _weights(t)[k] - base[k] for k in base} for t in tunes]
+    for k, b in base.items():
+        scale = 0.8 if k.startswith(("blocks.1.", "norm", "head")) else 0.2
+        torch.testing.assert_close(merged[k], b + scale * (taus[0][k] + taus[1][k]), rtol=0, atol=1e-6)
+    r = cli("soup", *map(str, tunes), "soup=ties", "density=0.5", "lines.alpha=0.5", "lines.beta=0.5", "runs_dir=t")
+    assert r.code == 0 and "test/top1" in read_json(only_run("soup", Path("t")) / "summary.json")["final"], r.text

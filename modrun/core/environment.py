@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# imports inside functions here defer torch: `modrun runs` and the CLI read run folders without loading torch
 import os
 import platform
 import subprocess

@@ -331,12 +331,10 @@ def test_merging_settings_and_families_are_checked_before_any_work(farm, tmp_pat
     assert not (Path("runs") / "soup").exists()
 
 
-def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
-    """A GPT's blocks are LiNeS's layers: the embeddings scale as block 1, blocks.i as alpha + beta i / (L - 1),
-    the final norm as block L; TIES and DARE merge the same GPT runs."""
-    gpt = ["model=gpt", "data=python_docs", "model.n_layer=3", "model.n_embd=32", "model.n_head=2",
-           "data.block_size=32", "data.windows_per_epoch=32", "trainer.progress=false"]  # fmt: skip
-    assert cli("train", *gpt, "trainer.epochs=1", "runs_dir=src").code == 0
+def _lines_soup(train: list[str]) -> tuple[list[Path], dict, dict, list[dict]]:
+    """A source trained with `train`, two fine-tunes of it, and their task-arithmetic soup with LiNeS alpha 0.2,
+    beta 0.6: the fine-tunes, the soup's weights, the source's, and the two task vectors."""
+    assert cli("train", *train, "trainer.epochs=1", "trainer.progress=false", "runs_dir=src").code == 0
     source = only_run("train", Path("src"))
     tunes = []
     for seed in (1, 2):
@@ -347,7 +345,15 @@ def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
     r = cli("soup", *map(str, tunes), "soup=task_arithmetic", "scale=1", "lines.alpha=0.2", "lines.beta=0.6")
     assert r.code == 0, r.text
     merged, base = _weights(only_run("soup")), _weights(source)
-    taus = [{k: _weights(t)[k] - base[k] for k in base} for t in tunes]
+    return tunes, merged, base, [{k: _weights(t)[k] - base[k] for k in base} for t in tunes]
+
+
+def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
+    """A GPT's blocks are LiNeS's layers: the embeddings scale as block 1, blocks.i as alpha + beta i / (L - 1),
+    the final norm as block L; TIES and DARE merge the same GPT runs."""
+    gpt = ["model=gpt", "data=python_docs", "model.n_layer=3", "model.n_embd=32", "model.n_head=2",
+           "data.block_size=32", "data.windows_per_epoch=32"]  # fmt: skip
+    tunes, merged, base, taus = _lines_soup(gpt)
     depth = {"tok_emb.": 0.2, "pos_emb.": 0.2, "blocks.0.": 0.2, "blocks.1.": 0.5, "blocks.2.": 0.8, "ln_f.": 0.8}
     for k, b in base.items():
         scale = next(v for prefix, v in depth.items() if k.startswith(prefix))
@@ -360,20 +366,8 @@ def test_lines_and_ties_on_gpt_fine_tunes(tmp_path):
 
 def test_ties_with_lines_on_vit_fine_tunes(tmp_path):
     """A ViT's blocks are LiNeS's layers too: the patch embedding scales as block 1, the head as block L."""
-    vit = ["model=vit", "data=digits", "model.depth=2", "model.dim=32", "model.heads=2", "data.batch_size=64",
-           "trainer.progress=false"]  # fmt: skip
-    assert cli("train", *vit, "trainer.epochs=1", "runs_dir=src").code == 0
-    source = only_run("train", Path("src"))
-    tunes = []
-    for seed in (1, 2):
-        r = cli("prune", f"source.run={source}", "prune.sparsity=0", "recover=finetune", "trainer.epochs=1",
-                f"seed={seed}", f"runs_dir=ft{seed}", "trainer.progress=false")  # fmt: skip
-        assert r.code == 0, r.text
-        tunes.append(only_run("prune", Path(f"ft{seed}")))
-    r = cli("soup", *map(str, tunes), "soup=task_arithmetic", "scale=1", "lines.alpha=0.2", "lines.beta=0.6")
-    assert r.code == 0, r.text
-    merged, base = _weights(only_run("soup")), _weights(source)
-    taus = [{k: _weights(t)[k] - base[k] for k in base} for t in tunes]
+    tunes, merged, base, taus = _lines_soup(["model=vit", "data=digits", "model.depth=2", "model.dim=32",
+                                             "model.heads=2", "data.batch_size=64"])  # fmt: skip
     for k, b in base.items():
         scale = 0.8 if k.startswith(("blocks.1.", "norm", "head")) else 0.2
         torch.testing.assert_close(merged[k], b + scale * (taus[0][k] + taus[1][k]), rtol=0, atol=1e-6)

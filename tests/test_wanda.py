@@ -11,6 +11,7 @@ from conftest import FAST, cli, cli_subprocess, only_run
 from safetensors.torch import load_file
 from test_lm import SLOW_GPT, TINY
 from test_resume import _assert_identical, _env, _start, _wait_for_step
+from test_width_prune import _llama
 
 from modrun.components.models.gpt import GPT
 from modrun.methods.prune.context import PruneContext
@@ -135,10 +136,7 @@ def test_wanda_bad_input_is_one_line(args, message):
 @pytest.mark.parametrize("n_m", [None, "[2,4]"])
 def test_wanda_on_a_hugging_face_llama_through_the_cli(tmp_path, n_m):
     """Every projection of every block gets Wanda's per-row masks; the LM head and embeddings stay dense."""
-    transformers = pytest.importorskip("transformers")
-    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
-    cfg = transformers.LlamaConfig(vocab_size=256, num_hidden_layers=2, max_position_embeddings=64, **sizes)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    _llama(tmp_path)  # a tiny 2-block Llama saved to tmp_path/llama
     text = ["data=python_docs", "data.block_size=32", "data.windows_per_epoch=64", "data.batch_size=16"]
     r = cli("train", "model=hf", f"model.path={tmp_path / 'llama'}", *text, "trainer.epochs=0", "runs_dir=src")
     assert r.code == 0, r.text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import cli, cli_subprocess, only_run, read_json
 from omegaconf import OmegaConf
 from test_lm import SLOW_GPT, TINY
@@ -71,11 +72,58 @@ def test_bucket_gradients_flow_only_through_the_student():
     s = torch.randn(64, 50, dtype=torch.float64, requires_grad=True)
     ids, logp = teacher_topk(torch.randn(64, 50), 8, 1.5)
     assert ids.dtype == torch.int32 and logp.dtype == torch.float16
-    s_b, t_b = bucket_logits(s, ids, logp, 1.5)
-    assert s_b.shape == t_b.shape == (64, 9)
+    s_b, t_b, none = bucket_logits(s, ids, logp, 1.5)
+    assert none is None and s_b.shape == t_b.shape == (64, 9)
     assert torch.allclose(torch.softmax(s_b / 1.5, -1).sum(-1), torch.ones(64, dtype=torch.float64))
     (torch.softmax(t_b / 1.5, -1) * -torch.log_softmax(s_b / 1.5, -1)).sum().backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def _autograd_buckets(student: torch.Tensor, ids: torch.Tensor, tau: float) -> torch.Tensor:
+    """The student's bucket log-probabilities as autograd would take them: cached tokens, and a logsumexp over
+    every other token."""
+    z = student / tau
+    norm = torch.logsumexp(z, -1, keepdim=True)
+    rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+    return torch.cat((z.gather(-1, ids), rest), -1) - norm
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_written_out_bucket_gradients_match_autograd_of_the_formula(tau):
+    torch.manual_seed(2)
+    student = (4 * torch.randn(8, 64, 256, dtype=torch.float64)).requires_grad_()  # 512 tokens, peaked rows
+    ids, logp = teacher_topk(torch.randn(8, 64, 256), 32, tau)
+    y = torch.randint(0, 256, (8, 64))
+    y[0, :8] = ids[0, :8, 0]  # targets among the cached tokens, and (mostly) outside them
+    weights = torch.randn(8, 64, 33, dtype=torch.float64)
+    s_b, _, target_logp = bucket_logits(student, ids, logp, tau, y if tau == 1.0 else None)
+    expected = _autograd_buckets(student, ids.long(), tau)
+    loss = (weights * s_b / tau).sum()
+    ref_loss = (weights * expected).sum()
+    if tau == 1.0:
+        loss = loss + 3.0 * -target_logp.mean()
+        ref_loss = ref_loss + 3.0 * F.cross_entropy(student.reshape(-1, 256), y.reshape(-1))
+    assert torch.allclose(s_b / tau, expected, atol=1e-12)
+    (grad,), (ref,) = torch.autograd.grad(loss, student), torch.autograd.grad(ref_loss, student)
+    assert torch.allclose(grad, ref, atol=1e-12)
+    small = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    small_ids = torch.randn(3, 20).topk(4, -1).indices
+    targets = torch.tensor([0, small_ids[1, 0].item(), 7]) if tau == 1.0 else None
+
+    def outputs(s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s_b, _, target_logp = bucket_logits(s, small_ids, torch.zeros(3, 4), tau, targets)
+        return (s_b,) if target_logp is None else (s_b, target_logp)
+
+    assert torch.autograd.gradcheck(outputs, small)  # the written-out backward against finite differences
+
+
+def test_the_shared_task_loss_is_the_cross_entropy(tmp_path):
+    objective = _objective(tmp_path, 32)
+    objective.topk_tau = 1.0  # the term's temperature is 2 in _objective; at 1 the task shares the softmax
+    x = torch.randint(0, 256, (8, 16))
+    _, logits, parts = objective.loss(x, x, torch.arange(8))
+    ce = F.cross_entropy(logits.reshape(-1, 256), x.reshape(-1))
+    assert parts["task_loss"].item() == pytest.approx(ce.item(), rel=1e-6)
 
 
 def test_distill_with_the_top_k_cache_stores_six_bytes_per_token_and_keeps_windows():

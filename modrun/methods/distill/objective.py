@@ -154,12 +154,16 @@ class DistillObjective(Objective):
         logits = self.model(x)
         s_feats = self.s_capture.take()
         views = t_out if self.each else [self._mean_view(t_out)]
-        task = F.cross_entropy(*Task.flat(logits, y))
-        total, parts = self.task_weight * task, {"task_loss": task.detach()}
-        items, targets = _items(logits), y.reshape(-1)  # a language model's every token is one prediction
+        items, targets, target_logp = _items(logits), y.reshape(-1), None  # an LM's every token is one prediction
         if self.topk:  # both sides as distributions over the teacher's cached top-k tokens and the rest
-            s_logits, t_logits = bucket_logits(logits, views[0]["ids"], views[0]["logp"], self.topk_tau)
+            # at temperature 1 the task's cross-entropy comes from the same softmax (one pass fewer each way)
+            shared = y if self.topk_tau == 1.0 else None
+            s_logits, t_logits, target_logp = bucket_logits(
+                logits, views[0]["ids"], views[0]["logp"], self.topk_tau, shared
+            )
             items, views = _items(s_logits), [{"logits": t_logits}]
+        task = F.cross_entropy(*Task.flat(logits, y)) if target_logp is None else -target_logp.mean()
+        total, parts = self.task_weight * task, {"task_loss": task.detach()}
         for term in self.terms:
             s = Outputs(items, [s_feats[p] for p in term.student_paths])
             value = sum(

@@ -245,3 +245,36 @@ def test_target_in_a_config_is_rejected_not_instantiated(tmp_path):
     r = cli("train", "--config-dir", str(tmp_path / "conf"), "model=evil", *FAST)
     assert r.code == 2 and "model._target_" in r.err and not Path("pwned").exists()
     assert not Path("runs").exists()
+
+
+def test_best_and_last_of_one_epoch_are_one_file_and_a_later_last_leaves_best_alone(tmp_path):
+    checkpoint.save(tmp_path / "last.pt", {"state": {"step": 1}})
+    checkpoint.save(tmp_path / "best.pt", {"state": {"step": 2}}, also=(tmp_path / "last.pt",))
+    assert (tmp_path / "best.pt").samefile(tmp_path / "last.pt")  # serialised once, linked
+    for name in ("best.pt", "last.pt", "last.prev.pt"):
+        assert (tmp_path / f"{name}.sha256").read_text() == f"{_sha(tmp_path / name)}  {name}\n"
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["state"]["step"] == 1
+    checkpoint.save(tmp_path / "last.pt", {"state": {"step": 3}})
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["state"]["step"] == 2  # not rewritten in place
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["state"]["step"] == 2
+    assert checkpoint.load_last(tmp_path)["state"]["step"] == 3
+
+
+def test_a_last_pt_changed_behind_modruns_back_is_hashed_again_not_kept(tmp_path):
+    checkpoint.save(tmp_path / "last.pt", {"state": {"step": 1}})
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")  # the remembered digest no longer describes it
+    checkpoint.save(tmp_path / "last.pt", {"state": {"step": 2}})
+    assert not (tmp_path / "last.prev.pt").exists()  # a file that does not verify is not kept as the predecessor
+    assert checkpoint.load_last(tmp_path)["state"]["step"] == 2
+
+
+def test_the_best_model_in_hand_is_tested_without_reloading_and_matches_best_pt():
+    assert cli("train", *FAST).code == 0  # one epoch: the best is the final model
+    run = only_run()
+    summary = read_json(run / "summary.json")
+    assert summary["best"]["epoch"] == 1 and (run / "checkpoints" / "best.pt").samefile(run / "checkpoints" / "last.pt")
+    tested = {k: v for k, v in summary["best"].items() if k.startswith("test/")}
+    assert tested and tested == {k: v for k, v in summary["final"].items() if k.startswith("test/")}
+    assert cli("eval", str(run), "--weights", "best").code == 0
+    record = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
+    assert {k: record[k] for k in tested} == tested  # best.pt, loaded and evaluated by `modrun eval`

@@ -86,36 +86,75 @@ def _recorded(path: Path) -> set[str]:
     return {(s.read_text().split() or [""])[0] for s in sidecars if s.is_file()}
 
 
-def _link_or_copy(src: Path, dst: Path, data: bytes) -> None:
+def _link_or_copy(src: Path, dst: Path, data: bytes | None = None) -> None:
     """dst := src's bytes atomically, src untouched: a hard link costs no copy; a copy where links fail."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        atomic_write(dst, data)
+        atomic_write(dst, src.read_bytes() if data is None else data)
         return
     os.replace(tmp, dst)
 
 
-def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None) -> None:
-    """Write `state` atomically with its checksum; `last.pt` (or `keep_previous=True`) keeps its predecessor."""
-    path = Path(path)
+# what this process last wrote at each path: (inode, size, mtime) -> digest, so that keeping last.pt's
+# predecessor need not read and hash the file again (a large model's checkpoint costs seconds to hash)
+_WRITTEN: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _current_digest(path: Path) -> str:
+    """The SHA-256 of the file at `path`: remembered when this process wrote it and nothing has touched it."""
+    known = _WRITTEN.get(path.resolve())
+    if known is not None and known[0] == _stat_key(path):
+        return known[1]
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None, also: tuple[Path, ...] = ()) -> None:
+    """Write `state` atomically with its checksum; `last.pt` (or `keep_previous=True`) keeps its predecessor.
+
+    `also` names further checkpoints of the same state (best.pt and last.pt at an epoch end), written after
+    `path` as hard links to its bytes: serialised and hashed once."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    if (path.name == LAST if keep_previous is None else keep_previous) and path.is_file():
-        current = path.read_bytes()
-        digest = hashlib.sha256(current).hexdigest()
-        if digest in _recorded(path):  # the write order is explained in the module docstring
+    digest = hashlib.sha256(data).hexdigest()
+    first = Path(path)
+    for i, target in enumerate((first, *map(Path, also))):
+        keep = target.name == LAST if keep_previous is None or i else keep_previous
+        _write(target, data, digest, keep, None if i == 0 else first)
+
+
+def _write(path: Path, data: bytes, digest: str, keep_previous: bool, same_as: Path | None) -> None:
+    """One checkpoint file and its sidecar, in the order the module docstring gives; `same_as`: a file already
+    holding `data`, linked rather than written again."""
+    if keep_previous and path.is_file():
+        current = _current_digest(path)
+        if current in _recorded(path):  # the write order is explained in the module docstring
             prev = previous_path(path)
-            atomic_write(checksum_path(prev), f"{digest}  {prev.name}\n")
-            _link_or_copy(path, prev, current)
-    writes = [(checksum_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"), (path, data)]
-    if path.is_file() and not checksum_path(path).is_file():
-        writes.reverse()  # a checkpoint from before checksums: a checksum ahead of it would make it look corrupt
-    for target, content in writes:
-        atomic_write(target, content)
+            atomic_write(checksum_path(prev), f"{current}  {prev.name}\n")
+            _link_or_copy(path, prev)
+    checksum = (checksum_path(path), f"{digest}  {path.name}\n")
+    if path.is_file() and not checksum_path(path).is_file():  # a checkpoint from before checksums: a checksum
+        _put(path, data, same_as)  # ahead of it would make it look corrupt
+        atomic_write(*checksum)
+    else:
+        atomic_write(*checksum)
+        _put(path, data, same_as)
+    _WRITTEN[path.resolve()] = (_stat_key(path), digest)
+
+
+def _put(path: Path, data: bytes, same_as: Path | None) -> None:
+    if same_as is None:
+        atomic_write(path, data)
+    else:
+        _link_or_copy(same_as, path, data)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu", root: Path | None = None) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def fit(
         else ddp.DiscardMetrics()  # rank 0 alone writes the run folder
     )
 
-    def save(name: str) -> None:
+    def save(name: str, *also: str) -> None:
         strategy.sync_buffers()
         # never overwrite a good checkpoint with weights that a finite loss already pushed to inf/NaN
         if not strategy.finite():
@@ -160,6 +160,7 @@ def fit(
                 **({"ranks": ranks} if world > 1 else {}),
                 "data_order": {"seed": seed, "epoch": state.epoch, "batch": batch_in_epoch()},
             },
+            also=tuple(ckpt_dir / n for n in also),
         )
         ddp.barrier()  # the other processes read checkpoints (best.pt at the end) only once they are written
 
@@ -265,8 +266,9 @@ def fit(
             )
             if task.better(val[task.best], state.best if state.best_epoch >= 0 else None):  # the task's metric
                 state.best, state.best_epoch = val[task.best], state.epoch
-                save("best.pt")
-            save("last.pt")
+                save("best.pt", "last.pt")  # best first: a kill between them redoes the epoch; one serialisation
+            else:
+                save("last.pt")
 
     strategy.finish()  # FSDP: every process gets the whole trained model back
     speed.release()  # the pipeline gets back a plain module (cost report, saving, a next phase)
@@ -280,7 +282,9 @@ def fit(
     final = {**{f"val/{k}": v for k, v in val.items()}, **test(objective.model)}
     # no epoch trained (trainer.epochs=0): no best (and no infinity in summary.json, which JSON cannot hold)
     best = {"epoch": state.best_epoch, f"val/{task.best}": state.best if state.best_epoch >= 0 else None}
-    if (ckpt_dir / "best.pt").exists():
+    if state.best_epoch == state.epoch and state.epoch > 0:  # the best is the model in hand: measured above
+        best.update({k: v for k, v in final.items() if k.startswith("test/")})
+    elif (ckpt_dir / "best.pt").exists():
         best_model = _copy_with_weights(
             objective.model, checkpoint.load(ckpt_dir / "best.pt", device, run_dir)["modules"]["model"]
         )

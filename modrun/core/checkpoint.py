@@ -127,7 +127,7 @@ def save(path: Path, state: dict[str, Any], keep_previous: bool | None = None, a
     digest = hashlib.sha256(data).hexdigest()
     first = Path(path)
     for i, target in enumerate((first, *map(Path, also))):
-        keep = target.name == LAST if keep_previous is None or i else keep_previous
+        keep = keep_previous if i == 0 and keep_previous is not None else target.name == LAST
         _write(target, data, digest, keep, None if i == 0 else first)
 
 

@@ -282,7 +282,7 @@ def fit(
     final = {**{f"val/{k}": v for k, v in val.items()}, **test(objective.model)}
     # no epoch trained (trainer.epochs=0): no best (and no infinity in summary.json, which JSON cannot hold)
     best = {"epoch": state.best_epoch, f"val/{task.best}": state.best if state.best_epoch >= 0 else None}
-    if state.best_epoch == state.epoch and state.epoch > 0:  # the best is the model in hand: measured above
+    if state.best_epoch == state.epoch:  # the best is the model in hand (never at epoch 0: best_epoch is -1)
         best.update({k: v for k, v in final.items() if k.startswith("test/")})
     elif (ckpt_dir / "best.pt").exists():
         best_model = _copy_with_weights(
